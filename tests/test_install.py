@@ -1,0 +1,133 @@
+"""Packaging, dispatch and `python -m unigendet.info`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import unigendet
+from unigendet import _backend
+from unigendet._backend import BackendSpec, BackendUnavailableError, CallInfo, OpDispatcher
+
+
+def _run(args, cwd, env=None):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_import_kernels_from_any_directory(tmp_path):
+    r = _run(["-c", "import unigendet.kernels, unigendet; print(unigendet.kernels.__name__, unigendet.__version__)"],
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["unigendet.kernels", unigendet.__version__]
+
+
+def test_import_touches_no_cuda_or_triton(tmp_path):
+    code = ("import sys, unigendet, unigendet.ops, unigendet.kernels; "
+            "import torch; print(torch.cuda.is_initialized(), 'triton' in sys.modules and "
+            "hasattr(sys.modules['triton'], 'runtime') and 'triton.runtime.driver' in sys.modules)")
+    r = _run(["-c", code], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "False"
+
+
+def test_import_without_extension(tmp_path):
+    """With the compiled extension hidden and JIT disabled, the package imports and reports why."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'unigendet._C': raise ImportError('hidden by test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import unigendet, unigendet.ops\n"
+        "from unigendet import _ext\n"
+        "s = _ext.load(); print(s.loaded, s.how)\n"
+    )
+    r = _run(["-c", code], cwd=tmp_path, env={"UNIGENDET_JIT_BUILD": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "none"]
+
+
+def test_info_reports(tmp_path):
+    r = _run(["-m", "unigendet.info", "--json"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["torch"] == torch.__version__
+    assert facts["cuda_available"] == torch.cuda.is_available()
+    assert facts["triton_interpret"] == _backend.triton_interpret()
+    for key in ("triton", "extension", "dali", "ops"):
+        assert key in facts
+    r = _run(["-m", "unigendet.info"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "compiled extension unigendet._C" in r.stdout
+
+
+def _toy_dispatcher():
+    return OpDispatcher("toy", [
+        BackendSpec("cuda", devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), max_head_dim=256),
+        BackendSpec("triton", devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                    available=lambda: "triton is not installed"),
+        BackendSpec("torch", devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float64, torch.float16)),
+    ])
+
+
+def test_dispatch_auto_falls_back():
+    d = _toy_dispatcher()
+    info = CallInfo(torch.device("cpu"), torch.float32, head_dim=64)
+    assert d.select(info, "auto") == "torch"
+
+
+def test_dispatch_explicit_raises_with_every_reason():
+    d = _toy_dispatcher()
+    info = CallInfo(torch.device("cpu"), torch.float32, head_dim=300)
+    with pytest.raises(BackendUnavailableError) as e:
+        d.select(info, "cuda")
+    msg = str(e.value)
+    assert "'cuda' was requested" in msg
+    assert "device 'cpu' not supported" in msg
+    assert "dtype float32 not supported" in msg
+    assert "head dim 300 > 256" in msg
+    assert "triton is not installed" in msg
+    assert "torch: can run" in msg
+
+
+def test_dispatch_missing_backend_and_bad_value(monkeypatch):
+    d = _toy_dispatcher()
+    info = CallInfo(torch.device("cpu"), torch.float32)
+    with pytest.raises(BackendUnavailableError, match="has no cpp implementation"):
+        d.select(info, "cpp")
+    with pytest.raises(ValueError, match="backend='fast'"):
+        d.select(info, "fast")
+    monkeypatch.setenv("UNIGENDET_BACKEND", "nope")
+    with pytest.raises(ValueError, match="UNIGENDET_BACKEND='nope'"):
+        d.select(info)
+    monkeypatch.setenv("UNIGENDET_BACKEND", "TORCH")
+    assert d.select(info) == "torch"
+
+
+def test_dispatch_no_backend_at_all():
+    d = _toy_dispatcher()
+    with pytest.raises(BackendUnavailableError, match="no backend can run"):
+        d.select(CallInfo(torch.device("cpu"), torch.int32))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks behaviour without CUDA")
+def test_forced_cuda_backend_without_cuda_is_readable(tmp_path):
+    """Every registered op, forced to `cuda` on a CPU-only machine, names its reasons."""
+    import unigendet.ops  # noqa: F401
+
+    ops = _backend.registered_ops()
+    for name, disp in ops.items():
+        info = CallInfo(torch.device("cpu"), torch.float32, head_dim=disp.example_head_dim)
+        with pytest.raises(BackendUnavailableError) as e:
+            disp.select(info, "cuda")
+        assert "'cuda' was requested" in str(e.value), name
+    r = _run(["-m", "unigendet.info"], cwd=tmp_path, env={"UNIGENDET_BACKEND": "cuda"})
+    assert r.returncode == 0, r.stderr
+    if ops:
+        assert "-> NONE" in r.stdout

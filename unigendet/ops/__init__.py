@@ -1,0 +1,1 @@
+"""Fused ops. Each op lives in its own module with its pure-PyTorch reference beside it."""
