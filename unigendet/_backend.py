@@ -219,7 +219,9 @@ class OpDispatcher:
         if spec is None:
             reasons = {s.name: s.not_supported_reasons(info) for s in self.specs}
             reasons[choice] = [f"{self.op} has no {choice} implementation"]
-            raise BackendUnavailableError(self._format(info, reasons, f"backend {choice!r} was requested but cannot run"))
+            raise BackendUnavailableError(
+                self._format(info, reasons, f"backend {choice!r} was requested but cannot run")
+            )
         rs = spec.not_supported_reasons(info)
         if rs:
             raise BackendUnavailableError(
