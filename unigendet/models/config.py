@@ -1,0 +1,377 @@
+"""Typed model configuration with named presets and checkpoint JSON IO.
+
+A checkpoint folder describes the model with three JSON files:
+
+``llm_config.json``        the language model in Hugging Face ``Qwen2Config`` format
+``vit_config.json``        the vision tower in Hugging Face ``SiglipVisionConfig`` format
+``unigendet_config.json``  everything else (VAE, connectors, DIGA layer, SMSA mode); optional, a BAGEL folder
+                           has no such file and gets the BAGEL-7B-MoT defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "LLMConfig",
+    "ViTConfig",
+    "VAEConfig",
+    "UniGenDetConfig",
+    "PRESETS",
+    "get_config",
+    "load_config",
+    "save_config",
+]
+
+SMSA_MODES = ("paper", "reference", "off")
+
+
+@dataclass(kw_only=True)
+class LLMConfig:
+    """Qwen2 decoder with two MoT experts (understanding and generation)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads (Qwen2 has no head_dim field)
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    qk_norm: bool = True
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
+        if self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=True is not supported (BAGEL unties lm_head)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``llm_config.json`` form (Hugging Face Qwen2 keys)."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "qk_norm": self.qk_norm,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": self.hidden_act,
+            "torch_dtype": "bfloat16",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> LLMConfig:
+        """Read ``llm_config.json``. BAGEL forces ``qk_norm=True`` and untied embeddings when it loads this file."""
+        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+        return cls(
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            intermediate_size=d["intermediate_size"],
+            vocab_size=d["vocab_size"],
+            head_dim=head_dim,
+            rope_theta=float(d.get("rope_theta", 1_000_000.0)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            qk_norm=True,
+            tie_word_embeddings=False,
+            hidden_act=d.get("hidden_act", "silu"),
+        )
+
+
+@dataclass(kw_only=True)
+class ViTConfig:
+    """SigLIP NaViT vision tower. ``num_hidden_layers`` is the count in ``vit_config.json``; ``num_layers`` used."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    # BAGEL selects the penultimate layer (vit_select_layer=-2): the last `drop_last_layers` layers are not built.
+    drop_last_layers: int = 1
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("ViT hidden_size must be a multiple of num_attention_heads")
+        if not 0 <= self.drop_last_layers < self.num_hidden_layers:
+            raise ValueError(f"drop_last_layers must be in [0, {self.num_hidden_layers}), got {self.drop_last_layers}")
+        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"hidden_act must be gelu_pytorch_tanh or gelu, got {self.hidden_act!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers - self.drop_last_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_channels * self.patch_size**2
+
+    @property
+    def max_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The ``vit_config.json`` form (Hugging Face SigLIP vision keys; the layer count as in the file)."""
+        return {
+            "model_type": "siglip_vision_model",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], drop_last_layers: int = 1) -> ViTConfig:
+        return cls(
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            image_size=d["image_size"],
+            patch_size=d["patch_size"],
+            num_channels=d.get("num_channels", 3),
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+            hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"),
+            drop_last_layers=drop_last_layers,
+        )
+
+
+@dataclass(kw_only=True)
+class VAEConfig:
+    """Image autoencoder.
+
+    ``kind="flux"``: the FLUX AE through diffusers ``AutoencoderKL`` (the remaining fields are its architecture).
+    ``kind="space_to_depth"``: an exactly invertible, parameter-free pixel-space stand-in for small tests: the
+    latent of an image (3, H, W) is its space-to-depth rearrangement (3*d*d, H/d, W/d), d = ``downsample``.
+    """
+
+    kind: str = "flux"
+    z_channels: int = 16
+    downsample: int = 8
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    sample_posterior: bool = True  # BAGEL samples the diagonal Gaussian when encoding for training
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        if self.kind not in ("flux", "space_to_depth"):
+            raise ValueError(f"VAE kind must be 'flux' or 'space_to_depth', got {self.kind!r}")
+        if self.kind == "space_to_depth" and self.z_channels != 3 * self.downsample**2:
+            raise ValueError(f"space_to_depth needs z_channels == 3*downsample**2 = {3 * self.downsample**2}")
+        if self.kind == "flux" and 2 ** (len(self.block_out_channels) - 1) != self.downsample:
+            raise ValueError("flux VAE: downsample must be 2**(len(block_out_channels)-1)")
+
+
+@dataclass(kw_only=True)
+class UniGenDetConfig:
+    """The whole model: backbone, vision tower, VAE and the BAGEL/UniGenDet heads."""
+
+    llm: LLMConfig
+    vit: ViTConfig
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+    timestep_shift: float = 1.0
+    diga_layer: int = 8
+    diga_mlp_ratio: int = 4
+    smsa_mode: str = "reference"
+    visual_gen: bool = True
+    visual_und: bool = True
+
+    def __post_init__(self):
+        if self.smsa_mode not in SMSA_MODES:
+            raise ValueError(f"smsa_mode must be one of {SMSA_MODES}, got {self.smsa_mode!r}")
+        if not 1 <= self.diga_layer <= self.llm.num_hidden_layers:
+            raise ValueError(f"diga_layer must be in [1, {self.llm.num_hidden_layers}], got {self.diga_layer}")
+        if self.connector_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"connector_act must be gelu_pytorch_tanh or gelu, got {self.connector_act!r}")
+        if self.vit_max_num_patch_per_side != self.vit.max_patches_per_side:
+            raise ValueError(
+                "vit_max_num_patch_per_side must equal vit.image_size // vit.patch_size "
+                f"({self.vit.max_patches_per_side}), got {self.vit_max_num_patch_per_side}"
+            )
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.z_channels
+
+    @property
+    def patch_latent_dim(self) -> int:
+        return self.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def latent_downsample(self) -> int:
+        """Pixels per latent token side (VAE stride times latent patch size)."""
+        return self.vae.downsample * self.latent_patch_size
+
+    def extra_dict(self) -> dict[str, Any]:
+        """The ``unigendet_config.json`` form: everything not in the two Hugging Face files."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("llm", "vit", "vae")}
+        d["vae"] = asdict(self.vae)
+        d["vae"]["block_out_channels"] = list(self.vae.block_out_channels)
+        d["vit_drop_last_layers"] = self.vit.drop_last_layers
+        return d
+
+    def replace(self, **changes) -> UniGenDetConfig:
+        return replace(self, **changes)
+
+
+def _bagel_7b_mot() -> UniGenDetConfig:
+    return UniGenDetConfig(
+        llm=LLMConfig(
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            head_dim=128,
+            intermediate_size=18944,
+            vocab_size=152064,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+        ),
+        vit=ViTConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=980,
+            patch_size=14,
+            layer_norm_eps=1e-6,
+            drop_last_layers=1,
+        ),
+        vae=VAEConfig(),
+        latent_patch_size=2,
+        max_latent_size=64,
+        vit_max_num_patch_per_side=70,
+        diga_layer=8,
+    )
+
+
+def _tiny() -> UniGenDetConfig:
+    # Same structure as BAGEL (GQA 4/2, QK-norm, two experts, SigLIP NaViT, patch-2 latents) at a few million
+    # parameters.
+    return UniGenDetConfig(
+        llm=LLMConfig(
+            hidden_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            intermediate_size=384,
+            vocab_size=2048,  # the "tiny" tokenizer's table size
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+        ),
+        vit=ViTConfig(
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+            drop_last_layers=1,
+        ),
+        vae=VAEConfig(kind="space_to_depth", z_channels=192, downsample=8, scale_factor=1.0, shift_factor=0.0),
+        latent_patch_size=2,
+        max_latent_size=4,
+        vit_max_num_patch_per_side=4,
+        diga_layer=2,
+    )
+
+
+PRESETS = {"bagel-7b-mot": _bagel_7b_mot, "tiny": _tiny}
+
+
+def get_config(name: str, **overrides) -> UniGenDetConfig:
+    """A fresh copy of a named preset (``bagel-7b-mot`` or ``tiny``), with top-level fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def save_config(config: UniGenDetConfig, folder: str) -> None:
+    """Write ``llm_config.json``, ``vit_config.json`` and ``unigendet_config.json`` into ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    for name, payload in (
+        ("llm_config.json", config.llm.to_hf_dict()),
+        ("vit_config.json", config.vit.to_hf_dict()),
+        ("unigendet_config.json", config.extra_dict()),
+    ):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def load_config(folder: str) -> UniGenDetConfig:
+    """Read a checkpoint folder's JSON files. Without ``unigendet_config.json`` the BAGEL-7B-MoT extras apply."""
+    paths = {n: os.path.join(folder, n) for n in ("llm_config.json", "vit_config.json", "unigendet_config.json")}
+    for n in ("llm_config.json", "vit_config.json"):
+        if not os.path.isfile(paths[n]):
+            raise FileNotFoundError(f"{n} not found in {folder!r}")
+    with open(paths["llm_config.json"]) as f:
+        llm = LLMConfig.from_hf_dict(json.load(f))
+    with open(paths["vit_config.json"]) as f:
+        vit_raw = json.load(f)
+    extra: dict[str, Any] = {}
+    if os.path.isfile(paths["unigendet_config.json"]):
+        with open(paths["unigendet_config.json"]) as f:
+            extra = json.load(f)
+    vit = ViTConfig.from_hf_dict(vit_raw, drop_last_layers=extra.pop("vit_drop_last_layers", 1))
+    if "vae" in extra:
+        vae = VAEConfig(**extra.pop("vae"))
+    else:
+        vae = VAEConfig()
+    known = {f.name for f in fields(UniGenDetConfig)} - {"llm", "vit", "vae"}
+    unknown = set(extra) - known
+    if unknown:
+        raise ValueError(f"unknown keys in unigendet_config.json: {sorted(unknown)}")
+    if "vit_max_num_patch_per_side" not in extra:
+        extra["vit_max_num_patch_per_side"] = vit.max_patches_per_side
+    return UniGenDetConfig(llm=llm, vit=vit, vae=vae, **extra)

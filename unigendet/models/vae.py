@@ -1,0 +1,193 @@
+"""Image autoencoders: the FLUX AE (through diffusers ``AutoencoderKL``) and a pixel-space stand-in for tests.
+
+Both expose ``encode(images (B, 3, H, W) in [-1, 1], generator=None) -> (B, z, H/d, W/d)`` already scaled
+(``scale * (z - shift)``) and ``decode(latents) -> images``. Neither is part of the model's checkpoint key space:
+the FLUX weights live in their own file (``ae.safetensors``) in FLUX's original key format, converted on load by
+:func:`flux_ae_to_diffusers` (inverse: :func:`diffusers_to_flux_ae`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+
+__all__ = [
+    "FluxVAE",
+    "SpaceToDepthVAE",
+    "build_vae",
+    "flux_ae_to_diffusers",
+    "diffusers_to_flux_ae",
+]
+
+
+class SpaceToDepthVAE(nn.Module):
+    """Exactly invertible, parameter-free stand-in: latent = pixel_unshuffle(image, d) (3*d*d channels).
+
+    Used by the ``tiny`` preset so tests exercise the real latent plumbing (patchify, flow targets, decode)
+    without VAE weights; it is not a learned autoencoder and makes no attempt to compress.
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = F.pixel_unshuffle(images, self.config.downsample)
+        return self.config.scale_factor * (z - self.config.shift_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.config.scale_factor + self.config.shift_factor
+        return F.pixel_shuffle(z, self.config.downsample)
+
+
+class FluxVAE(nn.Module):
+    """FLUX AE (ch 128, mult 1-2-4-4, 2 res blocks, z 16, no quant convs) as a diffusers ``AutoencoderKL``.
+
+    ``encode`` samples the diagonal Gaussian posterior when ``config.sample_posterior`` (as BAGEL trains) and
+    returns ``scale_factor * (z - shift_factor)``; ``decode`` inverts that scaling first.
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        n = len(config.block_out_channels)
+        self.config = config
+        self.model = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            act_fn="silu",
+            latent_channels=config.z_channels,
+            norm_num_groups=config.norm_num_groups,
+            scaling_factor=config.scale_factor,
+            shift_factor=config.shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=True,
+        )
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.model.encode(images.to(self.model.dtype)).latent_dist
+        z = dist.sample(generator) if self.config.sample_posterior else dist.mode()
+        return self.config.scale_factor * (z - self.config.shift_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents / self.config.scale_factor + self.config.shift_factor
+        return self.model.decode(z.to(self.model.dtype)).sample
+
+
+def build_vae(config: VAEConfig) -> nn.Module:
+    """The autoencoder named by ``config.kind``; its parameters are frozen (never trained here)."""
+    vae = FluxVAE(config) if config.kind == "flux" else SpaceToDepthVAE(config)
+    vae.requires_grad_(False)
+    return vae
+
+
+# --------------------------------------------------------------------------------------------------
+# FLUX original <-> diffusers key conversion
+# --------------------------------------------------------------------------------------------------
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_ATTN_INV = {v: k for k, v in _ATTN.items()}
+_RESNET_INV = {v: k for k, v in _RESNET.items()}
+
+
+def _mid_to_diffusers(rest: str) -> str:
+    m = re.fullmatch(r"block_([12])\.(\w+)\.(weight|bias)", rest)
+    if m:
+        return f"mid_block.resnets.{int(m[1]) - 1}.{_RESNET[m[2]]}.{m[3]}"
+    m = re.fullmatch(r"attn_1\.(\w+)\.(weight|bias)", rest)
+    if m:
+        return f"mid_block.attentions.0.{_ATTN[m[1]]}.{m[2]}"
+    raise KeyError(rest)
+
+
+def _one_to_diffusers(key: str, num_levels: int) -> str:
+    part, rest = key.split(".", 1)
+    if part not in ("encoder", "decoder"):
+        raise KeyError(key)
+    simple = {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out"}
+    head, tail = rest.split(".", 1)
+    if head in simple:
+        return f"{part}.{simple[head]}.{tail}"
+    if head == "mid":
+        return f"{part}.{_mid_to_diffusers(tail)}"
+    if part == "encoder" and head == "down":
+        m = re.fullmatch(r"(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", tail)
+        if m:
+            return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET[m[3]]}.{m[4]}"
+        m = re.fullmatch(r"(\d+)\.downsample\.conv\.(weight|bias)", tail)
+        if m:
+            return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
+    if part == "decoder" and head == "up":
+        # FLUX runs decoder.up in reverse order (up.{n-1} first); diffusers stores up_blocks in execution order.
+        m = re.fullmatch(r"(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", tail)
+        if m:
+            return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET[m[3]]}.{m[4]}"
+        m = re.fullmatch(r"(\d+)\.upsample\.conv\.(weight|bias)", tail)
+        if m:
+            return f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
+    raise KeyError(key)
+
+
+def _num_levels(keys, prefix: str) -> int:
+    levels = {int(m[1]) for k in keys if (m := re.match(prefix + r"(\d+)\.", k))}
+    if not levels:
+        raise ValueError(f"no '{prefix}N.' keys found; not a FLUX/diffusers AE state dict")
+    return max(levels) + 1
+
+
+def flux_ae_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert an original FLUX ``ae.safetensors`` state dict to diffusers ``AutoencoderKL`` names.
+
+    The mid-block attention's 1x1 convolutions (q, k, v, proj_out) become Linear weights (C, C).
+    Raises ``KeyError`` naming any key that does not belong to the FLUX AE format.
+    """
+    n = _num_levels(state, r"encoder\.down\.")
+    out = {}
+    for key, value in state.items():
+        new = _one_to_diffusers(key, n)
+        if ".attentions.0." in new and new.endswith(".weight") and value.dim() == 4:
+            value = value.reshape(value.shape[0], value.shape[1])
+        out[new] = value
+    return out
+
+
+def diffusers_to_flux_ae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flux_ae_to_diffusers` (diffusers ``AutoencoderKL`` names -> FLUX format)."""
+    n = _num_levels(state, r"encoder\.down_blocks\.")
+    out = {}
+    for key, value in state.items():
+        part, rest = key.split(".", 1)
+        simple = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
+        head, tail = rest.split(".", 1)
+        if head in simple:
+            new = f"{part}.{simple[head]}.{tail}"
+        elif m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(\w+)\.(weight|bias)", rest):
+            new = f"{part}.mid.block_{int(m[1]) + 1}.{_RESNET_INV[m[2]]}.{m[3]}"
+        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(\w+(?:\.0)?)\.(weight|bias)", rest):
+            new = f"{part}.mid.attn_1.{_ATTN_INV[m[1]]}.{m[2]}"
+            if m[1] != "group_norm" and m[2] == "weight":
+                value = value.reshape(*value.shape, 1, 1)
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", rest):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{_RESNET_INV[m[3]]}.{m[4]}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", rest):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", rest):
+            new = f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{_RESNET_INV[m[3]]}.{m[4]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", rest):
+            new = f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        else:
+            raise KeyError(key)
+        out[new] = value
+    return out
