@@ -1,0 +1,669 @@
+"""The UniGenDet training loop: stage 1 GDUF, stage 2 DIGA, and co-evolution rounds.
+
+One :class:`Trainer` runs ``rounds`` x (GDUF, DIGA) (or one stage, ``--stage``):
+
+* **GDUF** trains everything but the VAE on packs mixing detection samples (VAE clean latents, ViT tokens,
+  question, answer) and generation samples (caption, noisy latents) with
+  ``w_det * CE(head) + w_text * CE(explanation) + w_flow * flow MSE``.
+* **DIGA** snapshots the stage-1 model as a frozen authenticity teacher (:meth:`UniGenDet.make_diga_teacher`:
+  a copy, so it cannot drift while the generator trains) and trains only the generation expert, the timestep
+  embedder, ``vae2llm``, ``llm2vae`` and ``diga_mlp`` with ``w_flow * flow MSE + w_diga * diga_loss`` on
+  generation packs; every other parameter is frozen.
+* **Rounds** (``--rounds N``): from round 2 on, GDUF retrains the detector on fakes that include images the
+  current generator made from the training captions (labelled fake), then DIGA realigns the generator to the
+  new detector.
+
+Data parallelism: rank ``r`` of ``W`` takes global packs ``k = r, r + W, ...``; with ``grad_accum = A`` a step
+consumes ``A`` packs per rank, so a single process with ``grad_accum = W`` sees exactly the packs (and, for
+mean-normalised losses, the gradients) of ``W`` processes with ``grad_accum = 1``.
+
+Checkpoints (``unigendet.train.state``) hold weights, optimizer, scheduler, EMA, RNG and the data position, and
+``--resume`` continues exactly. SIGTERM/SIGINT save a checkpoint and exit. A non-finite loss skips the step
+(counted); more than ``max_nonfinite`` abort. Progress is a tqdm bar; logs are JSONL; the run ends with loss-curve
+PNGs, a sample grid, held-out detection metrics and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, config_to_dict
+from .distributed import DistInfo, init_distributed, wrap_model
+from .flops import project_schedule, train_flops_per_token
+from .logs import JsonlLogger, plot_losses, read_jsonl
+from .state import CheckpointManager, load_sharded, save_sharded
+
+log = logging.getLogger("unigendet.train")
+
+__all__ = ["Trainer", "TrainingAborted", "train"]
+
+#: Parameters DIGA trains (by name); everything else is frozen in stage 2.
+DIGA_TRAINABLE = ("moe_gen", "time_embedder.", "vae2llm.", "llm2vae.", "diga_mlp.")
+
+
+class TrainingAborted(RuntimeError):
+    """Too many non-finite losses (or another unrecoverable training condition)."""
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class _RankPacks(torch.utils.data.IterableDataset):
+    """This rank's packs of a :class:`PackedDataset` planned as one global stream (see the module docstring).
+
+    DataLoader workers split the rank's packs round-robin, so the loader yields them in global order.
+    """
+
+    def __init__(self, dataset, rank: int, world: int):
+        super().__init__()
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.dataset.iter_packs(self.rank + self.world * wid, self.world * nw)
+
+
+def _identity(x):
+    return x
+
+
+class Trainer:
+    """Runs the configured stages; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.out_dir = cfg.out_dir
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.logger = JsonlLogger(os.path.join(self.out_dir, "train.jsonl"), enabled=self.dist.is_main)
+        self.ckpt = CheckpointManager(self.out_dir, keep_last=cfg.keep_last)
+        self.amp_dtype = self._amp_dtype()
+        self._seed_all(cfg.seed)
+        self.tokenizer, self.model = self._build_model()
+        self.packing = self._packing_config()
+        self.det_records, self.gen_records, self.test_records = self._load_records()
+        self.extra_fakes: list = []  # self-generated fakes of earlier rounds
+        self.stop_signal: int | None = None
+        self.nonfinite = 0
+        self.global_step = 0
+        self.completed: list[str] = []
+        self.history: dict[str, dict] = {}
+        self._wrapped = None
+        self._wrapped_fsdp = False
+
+    # ------------------------------------------------------------------ setup
+    def _amp_dtype(self) -> torch.dtype | None:
+        d = self.cfg.dtype
+        if d == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[d]
+
+    def _seed_all(self, seed: int) -> None:
+        import random
+
+        random.seed(seed)
+        np.random.seed(seed)  # noqa: NPY002  (third-party code may draw from the global RNG)
+        torch.manual_seed(seed)
+
+    def _build_model(self):
+        from unigendet.models import UniGenDet, get_config, load_pretrained
+        from unigendet.models.config import PRESETS as MODEL_PRESETS
+        from unigendet.tokenizer import load_tokenizer
+
+        cfg = self.cfg
+        overrides = {"smsa_mode": cfg.smsa, "timestep_shift": cfg.timestep_shift}
+        if cfg.diga.diga_layer is not None:
+            overrides["diga_layer"] = cfg.diga.diga_layer
+        if cfg.model in MODEL_PRESETS and cfg.model_path is None:
+            tokenizer = load_tokenizer("tiny")
+            mcfg = get_config(cfg.model, **overrides)
+            if tokenizer.vocab_size > mcfg.llm.vocab_size:
+                raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model's table {mcfg.llm.vocab_size}")
+            model = UniGenDet(mcfg).to(self.device)
+        else:
+            from unigendet.models.config import load_config as load_model_config
+
+            base = cfg.model_path or cfg.model
+            mcfg = load_model_config(base)
+            mcfg = dataclasses.replace(mcfg, **overrides)
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            loaded = load_pretrained(base, config=mcfg, dtype=dtype, device=self.device)
+            if self.dist.is_main:
+                log.info("loaded %s: %s", base, loaded.report)
+            model, tokenizer = loaded.model, loaded.tokenizer
+        if model.vae is not None:
+            model.vae.requires_grad_(False)
+        model.set_gradient_checkpointing(cfg.grad_checkpointing)
+        return tokenizer, model
+
+    def _packing_config(self):
+        from unigendet.data import PackingConfig
+
+        d = self.cfg.data
+        kw = dict(gen_weight=d.gen_ratio, det_weight=d.det_ratio, text_cond_dropout_prob=d.cfg_text_dropout)
+        for key, value in (("expected_num_tokens", d.expected_tokens), ("max_num_tokens", d.max_tokens),
+                           ("max_num_tokens_per_sample", d.max_tokens_per_sample)):
+            if value is not None:
+                kw[key] = value
+        if self.cfg.model == "tiny" and self.cfg.model_path is None:
+            return PackingConfig.tiny(**kw)
+        return PackingConfig.bagel(**kw)
+
+    def _load_records(self):
+        from unigendet.data import load_records
+
+        d = self.cfg.data
+        if d.source == "embedded":
+            det, gen = load_records(balance=d.balance_classes)
+            test, _ = load_records(split="test")
+        else:
+            det, gen = load_records(d.fakeclue_root, d.laion_manifest, balance=d.balance_classes)
+            test, _ = load_records(d.fakeclue_root, None, split="test") if d.fakeclue_root else ([], [])
+        return det, gen, test
+
+    # ------------------------------------------------------------------ data
+    def _stage_seed(self, rnd: int, stage: str) -> int:
+        return self.cfg.seed * 1000 + rnd * 10 + (1 if stage == "gduf" else 2)
+
+    def _make_dataset(self, rnd: int, stage: str):
+        from unigendet.data import PackedDataset
+
+        packing = dataclasses.replace(self.packing)
+        if stage == "diga":
+            packing = dataclasses.replace(packing, gen_weight=max(packing.gen_weight, 1), det_weight=0, diga=True)
+            det = []
+        else:
+            det = self.det_records + self.extra_fakes
+        return PackedDataset(det, self.gen_records, self.tokenizer, packing, seed=self._stage_seed(rnd, stage),
+                             rank=0, world_size=1)
+
+    def _iter_packs(self, dataset, start_pack: int) -> Iterator:
+        """This rank's packs from global index ``start_pack`` (a multiple of the world size) on."""
+        from unigendet.data.loader import EmptyPack
+
+        d = self.cfg.data
+        dataset.start_pack = start_pack
+        rank, world = self.dist.rank, self.dist.world_size
+        if d.backend == "dali":
+            from unigendet.data.dali import DaliMaterialiser
+
+            device_id = self.device.index if self.device.type == "cuda" else None
+            mat = DaliMaterialiser(dataset.cfg, num_threads=max(1, d.num_workers), device_id=device_id,
+                                   seed=dataset.seed)
+            it = dataset.iter_packs(rank, world, mat)
+        else:
+            it = iter(torch.utils.data.DataLoader(
+                _RankPacks(dataset, rank, world), batch_size=None, num_workers=d.num_workers,
+                collate_fn=_identity, pin_memory=self.device.type == "cuda",
+                prefetch_factor=2 if d.num_workers > 0 else None))
+        for batch in it:
+            self._next_pack = batch.pack_id[1] + world
+            if isinstance(batch, EmptyPack):
+                continue
+            yield batch
+
+    # ------------------------------------------------------------------ stage setup
+    def _set_trainable(self, stage: str) -> list[torch.nn.Parameter]:
+        params = []
+        for name, p in self.model.named_parameters():
+            if name.startswith("vae."):
+                p.requires_grad_(False)
+                continue
+            train = stage == "gduf" or any(k in name for k in DIGA_TRAINABLE)
+            p.requires_grad_(train)
+            if train:
+                params.append(p)
+        # fixed sin-cos tables never train
+        for m in (getattr(self.model, "vit_pos_embed", None), getattr(self.model, "latent_pos_embed", None)):
+            if m is not None:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        return [p for p in params if p.requires_grad]
+
+    def _optimizer(self, params) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        impl = o.impl
+        if impl in ("auto", "apex"):
+            try:
+                from apex.optimizers import FusedAdam  # NVIDIA apex, optional
+
+                if self.device.type == "cuda":
+                    return FusedAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
+            except ImportError:
+                if impl == "apex":
+                    raise ValueError("optim.impl='apex' but NVIDIA apex is not installed") from None
+        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kw)
+
+    def _scheduler(self, opt) -> torch.optim.lr_scheduler.LambdaLR:
+        warm = self.cfg.optim.warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+
+    # ------------------------------------------------------------------ one stage
+    def _stage_key(self, rnd: int, stage: str) -> str:
+        return f"r{rnd}-{stage}"
+
+    def run_stage(self, rnd: int, stage: str, resume_state: dict | None = None) -> dict:
+        cfg = self.cfg
+        scfg = cfg.gduf if stage == "gduf" else cfg.diga
+        key = self._stage_key(rnd, stage)
+        teacher = None
+        if stage == "diga":
+            teacher = self._diga_teacher(rnd, resume_state is not None)
+        params = self._set_trainable(stage)
+        # DDP must see the stage's trainable set, so it is re-wrapped per stage; FSDP2 shards once.
+        if self._wrapped is None or not self._wrapped_fsdp:
+            self._wrapped = wrap_model(self.model, self.dist, cfg.parallel,
+                                       blocks=list(self.model.language_model.model.layers))
+            self._wrapped_fsdp = self._wrapped is self.model and self.dist.distributed
+        model = self._wrapped
+        opt = self._optimizer(params)
+        sched = self._scheduler(opt)
+        ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
+               if p.requires_grad} if cfg.ema > 0 else None
+        step, start_pack = 0, 0
+        if resume_state is not None:
+            step = resume_state["stage_step"]
+            positions = resume_state["next_pack"]
+            start_pack = positions[self.dist.rank] - self.dist.rank if self.dist.rank < len(positions) else 0
+            opt.load_state_dict(resume_state["_optimizer_state"])
+            sched.load_state_dict(resume_state["scheduler"])
+            if ema is not None and resume_state.get("_ema") is not None:
+                for n in ema:
+                    ema[n].copy_(resume_state["_ema"][n])
+        self._next_pack = start_pack + self.dist.rank
+        dataset = self._make_dataset(rnd, stage)
+        packs = self._iter_packs(dataset, start_pack)
+        accum = max(1, cfg.grad_accum)
+        bar = tqdm(total=scfg.steps, initial=step, desc=f"round {rnd} {stage.upper()}", disable=not self.progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        tokens_done, t_start = 0, time.perf_counter()
+        self.model.train()
+        while step < scfg.steps:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            n_tokens = 0
+            for micro in range(accum):
+                batch = next(packs).to(self.device, non_blocking=True)
+                n_tokens += batch.seq_len
+                gen = torch.Generator(device="cpu").manual_seed(
+                    zlib.crc32(f"{cfg.seed}/{key}/{step}/{micro}/{self.dist.rank}".encode()))
+                sync = (contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync")
+                        else model.no_sync())
+                with sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                          enabled=self.amp_dtype is not None):
+                    out = model(batch, generator=gen, diga_teacher=teacher)
+                    losses = self._losses(out, stage, scfg)
+                (losses["loss"] / accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum  # one host sync per micro-batch
+            finite = math.isfinite(sums["loss"])
+            grad_norm = float("nan")
+            if finite and cfg.optim.clip_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm))
+                finite = math.isfinite(grad_norm)
+            if finite:
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    named = dict(self.model.named_parameters())
+                    torch._foreach_lerp_(list(ema.values()), [named[n].detach().float() for n in ema],
+                                         1.0 - cfg.ema)
+            else:
+                self.nonfinite += 1
+                opt.zero_grad(set_to_none=True)
+                self.logger.log("nonfinite", stage=stage, round=rnd, step=step, count=self.nonfinite)
+                if self.nonfinite > cfg.max_nonfinite:
+                    raise TrainingAborted(
+                        f"{self.nonfinite} non-finite losses/gradients (limit max_nonfinite={cfg.max_nonfinite}); "
+                        "lower the learning rate or check the data. Last checkpoint: "
+                        f"{self.ckpt.latest() or 'none'}")
+            step += 1
+            self.global_step += 1
+            dt = time.perf_counter() - t0
+            tokens_done += n_tokens * self.dist.world_size
+            tok_s = n_tokens * self.dist.world_size / max(dt, 1e-9)
+            rec = {f"loss_{k}" if k != "loss" else "loss": v for k, v in sums.items()}
+            if step % cfg.log_every == 0 or step == scfg.steps:
+                self.logger.log("step", stage=stage, round=rnd, step=step, global_step=self.global_step,
+                                lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=n_tokens,
+                                tokens_per_s=tok_s, step_s=dt, skipped=not finite, **rec)
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in rec.items()} | {"tok/s": f"{tok_s:.0f}"},
+                            refresh=False)
+            bar.update(1)
+            stopping = self.stop_signal is not None
+            if step % cfg.save_every == 0 or step == scfg.steps or stopping:
+                self._save(rnd, stage, step, opt, sched, ema)
+            if stopping:
+                bar.close()
+                raise _Interrupted(self.stop_signal)
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        summary = {"steps": step, "seconds": elapsed, "tokens": tokens_done,
+                   "tokens_per_s": tokens_done / max(elapsed, 1e-9)}
+        if ema is not None:  # the exported weights are the EMA ones
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    if n in ema:
+                        p.copy_(ema[n].to(p.dtype))
+        if stage == "gduf":
+            self._save_stage_snapshot(rnd)
+        self.completed.append(key)
+        self.history[key] = summary
+        return summary
+
+    def _losses(self, out: dict, stage: str, scfg) -> dict:
+        from unigendet.models import diga_losses, gduf_losses
+
+        if stage == "gduf":
+            return gduf_losses(out, ce_weight=scfg.w_text, mse_weight=scfg.w_flow, label_weight=scfg.w_det)
+        return diga_losses(out, diga_weight=scfg.w_diga, mse_weight=scfg.w_flow)
+
+    # ------------------------------------------------------------------ DIGA teacher
+    def _snapshot_dir(self, rnd: int) -> str:
+        return os.path.join(self.out_dir, f"round{rnd}", "gduf_model")
+
+    def _save_stage_snapshot(self, rnd: int) -> None:
+        """The end-of-GDUF weights: the DIGA teacher is rebuilt from them after a resume."""
+        if self.dist.is_main:
+            folder = self._snapshot_dir(rnd)
+            tmp = folder + ".tmp"
+            os.makedirs(tmp, exist_ok=True)
+            save_sharded(self._model_state(), tmp, "model")
+            if os.path.exists(folder):
+                import shutil
+
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+
+    def _diga_teacher(self, rnd: int, resuming: bool):
+        if resuming or self._stage_key(rnd, "gduf") not in self.completed:
+            folder = self._snapshot_dir(rnd)
+            if not os.path.isdir(folder):
+                if self.cfg.stage == "diga":
+                    # DIGA alone: the starting model is the teacher.
+                    teacher = self.model.make_diga_teacher()
+                    return teacher
+                raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
+            current = self._model_state()
+            self.model.load_state_dict(load_sharded(folder), strict=False)
+            teacher = self.model.make_diga_teacher()
+            self.model.load_state_dict(current, strict=False)
+            return teacher
+        return self.model.make_diga_teacher()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("vae.")}
+
+    def _gather_positions(self) -> list[int]:
+        pos = torch.tensor([self._next_pack], dtype=torch.int64)
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            out = [torch.zeros_like(pos) for _ in range(self.dist.world_size)]
+            dist.all_gather(out, pos)
+            return [int(t) for t in out]
+        return [int(pos)]
+
+    def _save(self, rnd, stage, step, opt, sched, ema) -> None:
+        positions = self._gather_positions()
+        if not self.dist.is_main:
+            return
+        state = {
+            "round": rnd, "stage": stage, "stage_step": step, "global_step": self.global_step,
+            "completed": list(self.completed), "history": self.history, "nonfinite": self.nonfinite,
+            "next_pack": positions, "scheduler": sched.state_dict(), "world_size": self.dist.world_size,
+            "extra_fakes": [dataclasses.asdict(r) for r in self.extra_fakes],
+            "config": config_to_dict(self.cfg),
+        }
+        path = self.ckpt.save(step=self.global_step, model_state=self._model_state(), optimizer=opt,
+                              trainer_state=state, ema_state=ema)
+        self.logger.log("checkpoint", path=path, stage=stage, round=rnd, step=step)
+
+    def _load_resume(self) -> dict | None:
+        folder = self.ckpt.latest()
+        if folder is None:
+            return None
+        loaded = CheckpointManager.load(folder, None, restore_rng=True)
+        meta = loaded["trainer_state"]
+        if meta.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} processes, "
+                             f"this run has {self.dist.world_size}")
+        missing, unexpected = self.model.load_state_dict(loaded["model_state"], strict=False)
+        bad = [k for k in missing if not k.startswith("vae.") and "pos_embed" not in k]
+        if bad or unexpected:
+            raise ValueError(f"checkpoint {folder} does not match the model (missing {bad[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        self.global_step = meta["global_step"]
+        self.completed = list(meta["completed"])
+        self.history = dict(meta["history"])
+        self.nonfinite = meta["nonfinite"]
+        from unigendet.data import DetectionRecord
+
+        self.extra_fakes = [DetectionRecord(**r) for r in meta.get("extra_fakes", [])]
+        meta["_folder"] = folder
+        meta["_ema"] = loaded["ema_state"]
+        self.logger.log("resume", path=folder, global_step=self.global_step)
+        return meta
+
+    # ------------------------------------------------------------------ co-evolution
+    def _self_generated_fakes(self, rnd: int) -> list:
+        """Images the current generator makes from training captions, as fake detection records."""
+        from unigendet.data import DetectionRecord
+        from unigendet.inference import ImageGenerator
+
+        n = max(1, min(len(self.gen_records), self.cfg.coevolution_fakes))
+        prompts = [r.prompt for r in self.gen_records[:n]]
+        folder = os.path.join(self.out_dir, f"round{rnd}", "fakes")
+        os.makedirs(folder, exist_ok=True)
+        gen = ImageGenerator(self.model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
+        images = gen.generate(prompts, seed=self.cfg.seed + rnd, progress=self.progress)
+        records = []
+        for i, img in enumerate(images):
+            path = os.path.join(folder, f"{i:05d}.png")
+            _save_png(img, path)
+            records.append(DetectionRecord(
+                id=f"selfgen-r{rnd}-{i}", image=path, label=0, cate="self-generated",
+                question="<image>Does the image looks real/fake?",
+                answer="This is a fake image. It was synthesised by the current generator: "
+                       "its textures and colours carry the generator's own rendering artefacts."))
+        return records
+
+    # ------------------------------------------------------------------ driver
+    def _install_signals(self):
+        def handler(signum, frame):
+            self.stop_signal = signum
+            log.warning("signal %d received: saving a checkpoint after this step", signum)
+
+        old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                old[s] = signal.signal(s, handler)
+        return old
+
+    def plan(self) -> list[tuple[int, str]]:
+        stages = {"gduf": ["gduf"], "diga": ["diga"], "all": ["gduf", "diga"]}[self.cfg.stage]
+        return [(r, s) for r in range(1, self.cfg.rounds + 1) for s in stages]
+
+    def run(self) -> dict:
+        """Train every planned stage (resuming if asked), then evaluate; returns the summary."""
+        old = self._install_signals()
+        t0 = time.perf_counter()
+        try:
+            resume = self._load_resume() if self.cfg.resume else None
+            self.logger.log("start", config=config_to_dict(self.cfg), world_size=self.dist.world_size,
+                            device=str(self.device), resumed=resume is not None)
+            for rnd, stage in self.plan():
+                key = self._stage_key(rnd, stage)
+                if key in self.completed:
+                    continue
+                if stage == "gduf" and rnd > 1 and not (resume and resume["stage"] == "gduf"
+                                                        and resume["round"] == rnd):
+                    self.extra_fakes = self.extra_fakes + self._self_generated_fakes(rnd)
+                rs = None
+                if resume is not None and resume["round"] == rnd and resume["stage"] == stage:
+                    rs = resume
+                    rs["_optimizer_state"] = _optimizer_state(resume["_folder"])
+                    resume = None
+                self.run_stage(rnd, stage, rs)
+        except _Interrupted as e:
+            self.logger.log("interrupted", signal=e.signum, checkpoint=self.ckpt.latest())
+            print(f"interrupted by signal {e.signum}; checkpoint saved at {self.ckpt.latest()}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        summary = {"train_seconds": time.perf_counter() - t0, "stages": self.history,
+                   "nonfinite_steps": self.nonfinite, "global_step": self.global_step}
+        if self.dist.is_main:
+            summary.update(self.finish())
+            with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self) -> dict:
+        """Export the model, plot the losses, draw samples, evaluate held-out detection, project the budget."""
+        from unigendet.models import save_checkpoint
+
+        out: dict = {}
+        final = os.path.join(self.out_dir, "final")
+        save_checkpoint(self.model, final)
+        self.tokenizer.save(final)
+        out["checkpoint"] = final
+        records = read_jsonl(self.logger.path)
+        if plot_losses(records, os.path.join(self.out_dir, "losses.png")):
+            out["loss_plot"] = os.path.join(self.out_dir, "losses.png")
+        out["throughput"] = self._throughput()
+        if self.cfg.eval_samples > 0 and self.test_records:
+            out["detection"] = self.evaluate_detection(self.test_records[: self.cfg.eval_samples])
+        if self.cfg.sample_images > 0 and self.gen_records:
+            out["samples"] = self.sample_grid(self.cfg.sample_images)
+        return out
+
+    def _throughput(self) -> dict:
+        from .flops import PaperSchedule
+
+        st = [v for v in self.history.values() if v["tokens"]]
+        if not st:
+            return {}
+        tok_s = sum(v["tokens"] for v in st) / sum(v["seconds"] for v in st)
+        llm = self.model.config.llm
+        ctx = self.packing.expected_num_tokens / 4  # a token sees about a quarter of a pack (prefix masks)
+        fpt = train_flops_per_token(llm, ctx, self.cfg.grad_checkpointing)
+        achieved = tok_s * fpt
+        from unigendet.models import get_config
+
+        big = get_config("bagel-7b-mot").llm
+        big_fpt = train_flops_per_token(big, 16384 / 4, recompute=True)
+        big_tok_s = achieved / big_fpt
+        proj = project_schedule(big_tok_s * self.dist.world_size, PaperSchedule())
+        return {
+            "tokens_per_s": tok_s,
+            "model_flops_per_token": fpt,
+            "achieved_tflops": achieved / 1e12,
+            "device": torch.cuda.get_device_name(0) if self.device.type == "cuda" else f"cpu x{os.cpu_count()}",
+            "world_size": self.dist.world_size,
+            "paper_schedule_projection": proj | {
+                "bagel_7b_flops_per_token": big_fpt,
+                "method": "the achieved FLOP/s of this run applied to BAGEL-7B-MoT's training FLOPs per token "
+                          "(weights x 8 with recompute + attention at a mean context of 4096), on this run's "
+                          "hardware and process count",
+            },
+        }
+
+    def evaluate_detection(self, records) -> dict:
+        from unigendet.eval import evaluate_detection
+        from unigendet.inference import Detector
+
+        self.model.eval()
+        det = Detector(self.model, self.tokenizer, self.packing, smsa=self.cfg.smsa,
+                       max_new_tokens=self.cfg.eval_max_new_tokens)
+        with torch.no_grad():
+            results = det.detect([r.image for r in records], batch_size=16, progress=self.progress)
+        preds = [{"text": r.text, "logits": [r.prob_fake, 1.0 - r.prob_fake]} for r in results]
+        report = evaluate_detection(records, preds)
+        with open(os.path.join(self.out_dir, "detection_eval.json"), "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        head_acc = float(np.mean([r.label == rec.label for r, rec in zip(results, records)]))
+        self.model.train()
+        return {"n": len(records), "head_accuracy": head_acc, "report": report}
+
+    def sample_grid(self, n: int) -> str:
+        from unigendet.inference import ImageGenerator
+
+        self.model.eval()
+        gen = ImageGenerator(self.model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
+        prompts = [r.prompt for r in self.gen_records[:n]]
+        with torch.no_grad():
+            images = gen.generate(prompts, seed=self.cfg.seed, progress=self.progress)
+        path = os.path.join(self.out_dir, "samples.png")
+        _save_grid(images, path)
+        self.model.train()
+        return path
+
+
+def _optimizer_state(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    from .state import _optimizer_from_safetensors
+
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
+    return _optimizer_from_safetensors(tensors, meta["optimizer"])
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    return ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _save_png(img: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(_to_uint8(img)).save(path)
+
+
+def _save_grid(images: list[torch.Tensor], path: str, cols: int = 4) -> None:
+    from PIL import Image
+
+    arrs = [_to_uint8(i) for i in images]
+    h = max(a.shape[0] for a in arrs)
+    w = max(a.shape[1] for a in arrs)
+    rows = (len(arrs) + cols - 1) // cols
+    grid = np.full((rows * h, min(cols, len(arrs)) * w, 3), 255, dtype=np.uint8)
+    for i, a in enumerate(arrs):
+        r, c = divmod(i, cols)
+        grid[r * h: r * h + a.shape[0], c * w: c * w + a.shape[1]] = a
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
+    """Run a whole training (the Python entry point behind ``python -m unigendet.train``)."""
+    return Trainer(cfg, progress=progress).run()
+
