@@ -35,6 +35,14 @@ def rand(*shape, dtype=torch.float64, scale=1.0):
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
 
+@pytest.fixture(autouse=True, params=["dense", "ranges"])
+def reference_path(request, monkeypatch):
+    """Run every test on both reference paths: the whole pack as one masked attention and range by range."""
+    if request.param == "ranges":
+        monkeypatch.setattr(attn_mod, "_REF_DENSE_ELEMS", 0)
+    return request.param
+
+
 def grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout, allow_unused=True)
 

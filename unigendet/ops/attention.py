@@ -54,6 +54,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Elements of one fp32 score block in the reference (queries are processed in chunks of this budget).
 _REF_BLOCK_ELEMS = 1 << 24
+# Packs whose whole score matrix (heads x queries x keys) is at most this many entries run as one masked
+# attention (few large matmuls instead of one small call per range); larger packs go range by range, so the
+# reference's memory stays bounded either way.
+_REF_DENSE_ELEMS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,15 +105,19 @@ def _range_keys(q_start, q_end, ents, ks, vs, cdt):
     return k, v, pieces, col_pos, col_diag
 
 
-def _scores(qc, k, q0, col_pos, col_diag, scale, hkv):
-    """Masked scores (Hkv, G*Lq, Lk) of the query chunk ``qc`` (Lq, H, D) starting at row ``q0``."""
+def _scores(qc, k, q0, col_pos, col_diag, scale, hkv, vis=None):
+    """Masked scores (Hkv, G*Lq, Lk) of the query chunk ``qc`` (Lq, H, D) starting at row ``q0``.
+
+    The mask is either given (``vis``, bool (Lq, Lk)) or derived from the columns' positions and diags.
+    """
     lq, h, d = qc.shape
     g = h // hkv
     qg = qc.permute(1, 0, 2).reshape(hkv, g * lq, d)
     s = torch.matmul(qg, k.transpose(1, 2)) * scale
-    if col_pos is not None:
+    if vis is None and col_pos is not None:
         qpos = torch.arange(q0, q0 + lq, device=qc.device)
         vis = (col_pos.unsqueeze(0) - qpos.unsqueeze(1)) <= col_diag.unsqueeze(0)  # (Lq, Lk)
+    if vis is not None:
         s = s.masked_fill(~vis.repeat(g, 1).unsqueeze(0), float("-inf"))
     return s, qg
 
@@ -130,12 +138,51 @@ def _chunks(lq: int, h: int, lk: int):
     return range(0, lq, step), step
 
 
+def _dense_pack(q, ks, vs, qr, ptr, ents, cdt):
+    """The whole pack as one masked attention, when its score matrix is small (see ``_REF_DENSE_ELEMS``).
+
+    Returns ``(k, v, vis, offsets)``: all sources' keys/values concatenated (Hkv, Ktot, D), the visibility
+    mask (total_q, Ktot) built from the plan's entries, and each source's column offset; or None when the
+    pack is too large (the per-range path then keeps memory bounded by the largest range).
+    """
+    total_q, h, _ = q.shape
+    total_k = sum(k.shape[0] for k in ks)
+    if total_k == 0 or h * total_q * total_k > _REF_DENSE_ELEMS:
+        return None
+    offsets = [0]
+    for k in ks[:-1]:
+        offsets.append(offsets[-1] + k.shape[0])
+    vis = torch.zeros(total_q, total_k, dtype=torch.bool, device=q.device)
+    for r, (qs, qe) in enumerate(qr):
+        for k0, k1, diag, flags in ents[ptr[r]:ptr[r + 1]]:
+            if qe <= qs or k1 <= k0:
+                continue
+            c0 = offsets[flags >> 1]
+            if flags & 1:
+                rows = torch.arange(qs, qe, device=q.device).unsqueeze(1)
+                cols = torch.arange(k0, k1, device=q.device).unsqueeze(0)
+                vis[qs:qe, c0 + k0:c0 + k1] = (cols - rows) <= diag
+            else:
+                vis[qs:qe, c0 + k0:c0 + k1] = True
+    k = torch.cat(ks, 0).to(cdt).transpose(0, 1)
+    v = torch.cat(vs, 0).to(cdt).transpose(0, 1)
+    return k, v, vis, offsets
+
+
 def _reference_fwd(q, ks, vs, q_ranges, kv_ptr, kv_entries, scale):
     total_q, h, d = q.shape
     cdt = _compute_dtype(q.dtype)
     out = torch.zeros(total_q, h, vs[0].shape[-1] if vs else d, dtype=q.dtype, device=q.device)
     lse = torch.full((h, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     qr, ptr, ents = _host_lists(q_ranges, kv_ptr, kv_entries)
+    dense = _dense_pack(q, ks, vs, qr, ptr, ents, cdt)
+    if dense is not None:
+        k, v, vis, _ = dense
+        s, _ = _scores(q.to(cdt), k, 0, None, None, scale, k.shape[0], vis)
+        p, l = _softmax(s)
+        out.copy_(torch.matmul(p, v).reshape(h, total_q, -1).transpose(0, 1))
+        lse.copy_(l.reshape(h, total_q))
+        return out, lse
     for r, (qs, qe) in enumerate(qr):
         if qe <= qs:
             continue
@@ -162,6 +209,23 @@ def _reference_bwd(dout, q, ks, vs, q_ranges, kv_ptr, kv_entries, scale):
     dk_acc = [torch.zeros(k.shape, dtype=cdt, device=k.device) for k in ks]
     dv_acc = [torch.zeros(v.shape, dtype=cdt, device=v.device) for v in vs]
     qr, ptr, ents = _host_lists(q_ranges, kv_ptr, kv_entries)
+    dense = _dense_pack(q, ks, vs, qr, ptr, ents, cdt)
+    if dense is not None:
+        k, v, vis, offsets = dense
+        hkv = k.shape[0]
+        s, qg = _scores(q.to(cdt), k, 0, None, None, scale, hkv, vis)
+        p, _ = _softmax(s)
+        do = dout.to(cdt).permute(1, 0, 2).reshape(hkv, -1, dout.shape[-1])
+        dv = torch.matmul(p.transpose(1, 2), do)
+        dp = torch.matmul(do, v.transpose(1, 2))
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        dq.copy_((torch.matmul(ds, k) * scale).reshape(h, total_q, d).transpose(0, 1))
+        dk = torch.matmul(ds.transpose(1, 2), qg) * scale
+        for i, off in enumerate(offsets):
+            n = ks[i].shape[0]
+            dk_acc[i] += dk[:, off:off + n].transpose(0, 1)
+            dv_acc[i] += dv[:, off:off + n].transpose(0, 1)
+        return dq, [x.to(k_.dtype) for x, k_ in zip(dk_acc, ks)], [x.to(v_.dtype) for x, v_ in zip(dv_acc, vs)]
     for r, (qs, qe) in enumerate(qr):
         if qe <= qs:
             continue
