@@ -105,7 +105,7 @@ def test_diga_forward_backward_and_loss():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_configure_stage_freezes_like_the_reference():
+def test_configure_stage_freezes_all_but_the_generator():
     m = _model()
     gduf = set(m.configure_stage("gduf"))
     assert gduf == {n for n, _ in m.named_parameters()}  # the tiny VAE stand-in has no parameters
@@ -115,7 +115,8 @@ def test_configure_stage_freezes_like_the_reference():
     assert "language_model.model.norm_moe_gen.weight" in diga and "diga_mlp.0.weight" in diga
     for frozen in ("language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.norm.weight",
                    "language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
-                   "vit_model.vision_model.post_layernorm.weight"):
+                   "vit_model.vision_model.post_layernorm.weight", "connector.fc1.weight",
+                   "fake_cls_head.1.weight"):
         assert frozen not in diga and not m.get_parameter(frozen).requires_grad
     with pytest.raises(ValueError, match="stage"):
         m.configure_stage("pretrain")

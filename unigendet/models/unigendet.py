@@ -111,14 +111,16 @@ class UniGenDet(nn.Module):
     def configure_stage(self, stage: str) -> list[str]:
         """Set ``requires_grad`` for a training stage; returns the names of the trainable parameters.
 
-        ``gduf``: everything except the VAE. ``diga``: the reference recipe (``--freeze_vit --freeze_und``): only
-        parameters of the generation expert (names containing ``moe_gen``), ``time_embedder``, ``vae2llm``,
-        ``llm2vae``, ``diga_mlp``, ``connector`` and ``fake_cls_head`` train; the ViT and every other
-        ``language_model`` parameter (embeddings, ``lm_head``, understanding expert, ``norm``) are frozen.
+        ``gduf``: everything except the VAE. ``diga``: only the generation
+        expert (names containing ``moe_gen``), ``time_embedder``, ``vae2llm``, ``llm2vae`` and ``diga_mlp`` train;
+        the ViT, ``connector``, ``fake_cls_head`` and every other ``language_model`` parameter (embeddings,
+        ``lm_head``, understanding expert, ``norm``) are frozen. (The reference script leaves ``connector`` and
+        ``fake_cls_head`` trainable although no gradient reaches them; freezing them keeps them bit-identical
+        under weight decay.)
         """
         if stage not in ("gduf", "diga"):
             raise ValueError(f"stage must be 'gduf' or 'diga', got {stage!r}")
-        heads = ("time_embedder.", "vae2llm.", "llm2vae.", "diga_mlp.", "connector.", "fake_cls_head.")
+        heads = ("time_embedder.", "vae2llm.", "llm2vae.", "diga_mlp.")
         names = []
         for n, p in self.named_parameters():
             if n.startswith("vae."):

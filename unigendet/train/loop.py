@@ -51,10 +51,6 @@ log = logging.getLogger("unigendet.train")
 
 __all__ = ["Trainer", "TrainingAborted", "train"]
 
-#: Parameters DIGA trains (by name); everything else is frozen in stage 2.
-DIGA_TRAINABLE = ("moe_gen", "time_embedder.", "vae2llm.", "llm2vae.", "diga_mlp.")
-
-
 class TrainingAborted(RuntimeError):
     """Too many non-finite losses (or another unrecoverable training condition)."""
 
@@ -224,21 +220,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ stage setup
     def _set_trainable(self, stage: str) -> list[torch.nn.Parameter]:
-        params = []
-        for name, p in self.model.named_parameters():
-            if name.startswith("vae."):
-                p.requires_grad_(False)
-                continue
-            train = stage == "gduf" or any(k in name for k in DIGA_TRAINABLE)
-            p.requires_grad_(train)
-            if train:
-                params.append(p)
-        # fixed sin-cos tables never train
-        for m in (getattr(self.model, "vit_pos_embed", None), getattr(self.model, "latent_pos_embed", None)):
-            if m is not None:
-                for p in m.parameters():
-                    p.requires_grad_(False)
-        return [p for p in params if p.requires_grad]
+        names = set(self.model.configure_stage(stage))
+        return [p for n, p in self.model.named_parameters() if n in names]
 
     def _optimizer(self, params) -> torch.optim.Optimizer:
         o = self.cfg.optim
