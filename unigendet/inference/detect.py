@@ -1,0 +1,448 @@
+"""Detection inference: batched packed prefill, then incremental decoding with a static KV cache.
+
+The input of one image is packed exactly as in training (``unigendet.data.packing.plan_detection``): the clean VAE
+latent tokens (generation expert), the ViT tokens, the question, and then the answer, which opens with
+``<|im_start|>``. The detection head reads the final hidden state of that ``<|im_start|>`` token, i.e. decode
+step 0, and the answer is decoded from there until ``<|im_end|>`` or the token limit.
+
+Several images are prefilled as the samples of ONE packed forward (the attention layout keeps them apart and
+applies the configured SMSA rule). While the prefill runs, each layer's post-RoPE keys and values of the tokens
+the answer may see are copied into a :class:`~unigendet.inference.kv_cache.StaticKVCache`. Each decoding step then
+embeds one token per image, runs it through the understanding expert of every layer (text tokens always belong to
+that expert), writes its key/value into the cache in place and attends over the image's cached prefix. RoPE
+positions continue from the prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from unigendet.eval.metrics import FAKE_PHRASE, REAL_PHRASE, parse_verdict
+from unigendet.sampling import SamplingConfig, sample_next_token
+
+from .kv_cache import StaticKVCache
+
+__all__ = [
+    "DEFAULT_QUESTION",
+    "DetectionResult",
+    "Detector",
+    "decode_answers",
+    "detection_plan",
+    "split_explanation",
+]
+
+DEFAULT_QUESTION = "Does the image looks real/fake?"
+
+
+@dataclass
+class DetectionResult:
+    """One image's verdict.
+
+    Attributes:
+        label: detection-head verdict, 0 = fake, 1 = real (arg-max of ``logits``).
+        prob_fake: detection-head softmax probability of "fake".
+        text: the decoded answer (special tokens removed).
+        text_label: verdict parsed from ``text`` (0 fake, 1 real, -1 unparseable).
+        explanation: ``text`` without its leading verdict sentence.
+        logits: the two detection-head logits ``(fake, real)``.
+        num_tokens: decoded tokens, ``<|im_end|>`` excluded.
+        finished: whether the answer ended with ``<|im_end|>`` (``False``: cut at the token limit).
+        source: the image path, when a path was given.
+    """
+
+    label: int
+    prob_fake: float
+    text: str
+    text_label: int
+    explanation: str
+    logits: tuple[float, float] = (0.0, 0.0)
+    num_tokens: int = 0
+    finished: bool = False
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_explanation(text: str) -> str:
+    """The answer without its verdict sentence (``"This is a fake image."``); the whole text if it has none."""
+    low = text.lower()
+    for phrase in (REAL_PHRASE, FAKE_PHRASE):
+        i = low.find(phrase)
+        if i >= 0:
+            return text[i + len(phrase):].lstrip(" .,:;!\n\t").strip()
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the prefill pack
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_image(image) -> tuple[Image.Image, str | None]:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image, None
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from unigendet.data.readers import load_rgb
+
+        path = str(image if not isinstance(image, bytes) else image.decode())
+        img = load_rgb(path, strict=True)
+        return img, path
+    raise ValueError(f"images must be paths or PIL images, got {type(image).__name__}")
+
+
+def detection_plan(
+    image: Image.Image,
+    question_ids: Sequence[int],
+    packing,
+    *,
+    use_vae: bool = True,
+    answer_ids: Sequence[int] | None = None,
+    ident: str = "",
+):
+    """The plan and transformed images of one detection sample: ``[VAE clean] [ViT] [question] ([answer])``.
+
+    With ``answer_ids`` the answer split (``<|im_start|>`` + ids + ``<|im_end|>``, CE loss, detection head at its
+    ``<|im_start|>``) is appended, which gives the full-sequence form of a decoded answer; without it the pack is
+    the prefill, and the answer is decoded from the cache.
+
+    Returns:
+        ``(SamplePlan, {"vae": (3, H, W), "vit": (3, H', W')})``.
+    """
+    from unigendet.data.packing import ImageItem, SamplePlan, TextItem
+    from unigendet.data.transforms import pil_to_tensor
+
+    size = image.size
+    x = pil_to_tensor(image)
+    items: list = []
+    imgs = {}
+    if use_vae:
+        items.append(ImageItem("vae", packing.vae.grid_for(*size)))
+        imgs["vae"] = packing.vae(x)
+    items.append(ImageItem("vit", packing.vit.grid_for(*size)))
+    imgs["vit"] = packing.vit(x)
+    if question_ids:
+        items.append(TextItem(list(question_ids)))
+    if answer_ids is not None:
+        items.append(TextItem(list(answer_ids), loss=True))
+    return SamplePlan("det", ident, ident, tuple(size), items, label=0 if answer_ids is not None else None), imgs
+
+
+def _prefix_tokens(batch, smsa_mode: str) -> tuple[list[np.ndarray], list[int]]:
+    """Per sample: batch positions of the tokens its answer sees, and the answer's first RoPE position.
+
+    The answer sees every earlier split of its sample (BAGEL's prefix rule), except foreign ``noise`` splits and,
+    under the ``off`` SMSA ablation, the splits holding generation-expert (VAE latent) tokens.
+    """
+    s = int(batch.seq_len)
+    nu = int(batch.num_und)
+    order = batch.order.cpu().numpy().astype(np.int64)
+    new_of_old = np.empty(s, dtype=np.int64)
+    new_of_old[order] = np.arange(s)
+    pos_ids = batch.position_ids.cpu().numpy()
+    kept, next_pos = [], []
+    off = 0
+    for si, sample in enumerate(batch.splits):
+        parts = []
+        p = off
+        det = si < len(batch.sample_kind) and batch.sample_kind[si] == "det"
+        for length, mode in sample:
+            new = new_of_old[p : p + length]
+            gen_split = length > 0 and bool((new >= nu).any())
+            if not (mode == "noise" or (smsa_mode == "off" and det and gen_split)):
+                parts.append(new)
+            p += length
+        kept.append(np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64))
+        whole = new_of_old[off:p]
+        next_pos.append(int(pos_ids[whole].max()) + 1 if whole.size else 0)
+        off = p
+    return kept, next_pos
+
+
+class _PrefillAttention:
+    """The prefill's attention callable: stores each layer's keys/values into the cache, then attends."""
+
+    def __init__(self, layout, cache: StaticKVCache, src: torch.Tensor, dst: torch.Tensor):
+        self.layout, self.cache, self.src, self.dst = layout, cache, src, dst
+        self.layer = 0
+
+    def __call__(self, q, k, v):
+        from unigendet.ops import packed_attention
+
+        self.cache.fill(self.layer, k.index_select(0, self.src), v.index_select(0, self.src), self.dst)
+        self.layer += 1
+        return packed_attention(q, k, v, self.layout)
+
+
+def _decode_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One token per sequence through the understanding expert of every layer -> final-normed ``(B, hidden)``."""
+    from unigendet.models.qwen2_mot import apply_rope, rope_cos_sin
+
+    dec = model.language_model.model
+    cfg = dec.config
+    h = dec.embed_tokens(tokens)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+    cache.begin_step()
+    for i, layer in enumerate(dec.layers):
+        a = layer.self_attn
+        q, k, v = a.qkv(layer.input_layernorm(h), gen=False)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        cache.write(i, k, v)
+        o = cache.attend(i, q).flatten(1)
+        h = h + a.o_proj(o)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    cache.end_step()
+    return dec.norm(h)
+
+
+@torch.no_grad()
+def decode_answers(
+    model,
+    batch,
+    *,
+    start_token_id: int,
+    eos_token_id: int,
+    max_new_tokens: int,
+    smsa_mode: str = "reference",
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    history: Sequence[Sequence[int]] | None = None,
+    check_every: int = 8,
+    return_logits: bool = False,
+) -> dict:
+    """Prefill a host-side detection pack in one forward, then decode every sample's answer with a static cache.
+
+    Args:
+        model: a :class:`~unigendet.models.UniGenDet`.
+        batch: a host :class:`~unigendet.data.PackedBatch` whose samples end before the answer (the prefill).
+        start_token_id: the answer opening (``<|im_start|>``), fed at decode step 0.
+        eos_token_id: ``<|im_end|>``; a sample stops there (later positions repeat it).
+        max_new_tokens: decoded tokens per sample at most.
+        smsa_mode: ``reference``, ``paper`` or ``off`` (see :mod:`unigendet.models.smsa`).
+        sampling: decoding settings (default greedy).
+        generator: RNG on the model's device for VAE posterior sampling and token sampling.
+        history: per sample, prompt ids that count for the repetition penalty (the start token always counts).
+        check_every: test for "every sample finished" every this many steps (one host sync each time).
+        return_logits: also return the per-step next-token logits.
+
+    Returns:
+        dict with ``tokens`` (list per sample of decoded ids, ``<|im_end|>`` excluded), ``finished`` (list of
+        bool), ``det_logits`` (B, 2) float32 CPU, and with ``return_logits`` ``step_logits`` (B, T, V) float32 CPU
+        (``T`` steps run; step ``s`` predicts token ``s + 1`` of the answer).
+    """
+    from unigendet.models.smsa import smsa_layout
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    sampling = sampling or SamplingConfig.greedy()
+    dev = model.device
+    dec = model.language_model.model
+    cfg = dec.config
+    n = len(batch.splits)
+
+    kept, next_pos = _prefix_tokens(batch, smsa_mode)
+    prefix = [int(k.size) for k in kept]
+    cache = StaticKVCache(
+        len(dec.layers), [p + max_new_tokens for p in prefix], cfg.num_key_value_heads, cfg.head_dim,
+        dtype=model.dtype, device=dev,
+    )
+    src = torch.from_numpy(np.concatenate(kept)).to(dev)
+    dst = torch.cat([torch.arange(b, b + p, dtype=torch.int64) for b, p in zip(cache.base_host, prefix)]).to(dev)
+    layout = smsa_layout(batch, smsa_mode, device=dev)
+    db = batch.to(dev)
+
+    emb = model.embed(db, generator=generator)
+    attn = _PrefillAttention(layout, cache, src, dst)
+    dec(emb["h_und"], emb["h_gen"], db.position_ids, attn, final_norm=False)
+    if attn.layer != len(dec.layers):
+        raise RuntimeError(f"prefill stored {attn.layer} layers of keys, expected {len(dec.layers)}")
+    cache.set_prefix_lengths(prefix)
+    del emb
+
+    # Repetition-penalty history: prompt ids, the start token and every decoded token (-1 = ignored padding).
+    use_hist = sampling.repetition_penalty != 1.0
+    hist = None
+    if use_hist:
+        hist_rows = [list(history[i]) if history is not None else [] for i in range(n)]
+        width = max(len(r) for r in hist_rows) + 1
+        hist = torch.full((n, width + max_new_tokens), -1, dtype=torch.int64)
+        for i, r in enumerate(hist_rows):
+            hist[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+            hist[i, len(r)] = start_token_id
+        hist = hist.to(dev)
+
+    tokens = torch.full((n,), start_token_id, dtype=torch.int64, device=dev)
+    positions = torch.tensor(next_pos, dtype=torch.int64, device=dev)
+    out = torch.full((n, max_new_tokens), eos_token_id, dtype=torch.int64, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    step_logits = []
+    det_logits = None
+    steps = 0
+    for s in range(max_new_tokens):
+        h = _decode_step(model, cache, tokens, positions + s)
+        if s == 0:
+            det_logits = model.fake_cls_head(h).float()
+        logits = model.language_model.lm_head(h).float()
+        if return_logits:
+            step_logits.append(logits)
+        nxt = sample_next_token(logits, sampling, hist[:, : width + s] if use_hist else None, generator)
+        nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+        out[:, s] = nxt
+        if use_hist:
+            hist[:, width + s] = nxt
+        done |= nxt == eos_token_id
+        tokens = nxt
+        steps = s + 1
+        if steps % check_every == 0 and bool(done.all()):
+            break
+
+    out_host = out[:, :steps].cpu().tolist()
+    toks, finished = [], []
+    for row in out_host:
+        if eos_token_id in row:
+            toks.append(row[: row.index(eos_token_id)])
+            finished.append(True)
+        else:
+            toks.append(row)
+            finished.append(False)
+    res = {"tokens": toks, "finished": finished, "det_logits": det_logits.cpu()}
+    if return_logits:
+        res["step_logits"] = torch.stack(step_logits, 1).cpu()
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# The detector
+# --------------------------------------------------------------------------------------------------
+
+
+class Detector:
+    """Real/fake verdicts with explanations for a list of images.
+
+    Args:
+        model: a :class:`~unigendet.models.UniGenDet` (in eval mode while detecting; its mode is restored).
+        tokenizer: a :class:`unigendet.tokenizer.Tokenizer`.
+        packing: the :class:`~unigendet.data.PackingConfig` the model was trained with (image sizes).
+        smsa: SMSA rule (``reference``, ``paper``, ``off``); default the model's ``config.smsa_mode``.
+        sampling: decoding settings; ``None`` = greedy (``SamplingConfig.paper()`` for the paper's sampling).
+        max_new_tokens: answer length limit.
+        question: the prompt text placed after the image.
+        check_every: decoding steps between two "all finished?" checks (each one host synchronisation).
+    """
+
+    def __init__(self, model, tokenizer, packing, *, smsa: str | None = None, sampling: SamplingConfig | None = None,
+                 max_new_tokens: int = 256, question: str = DEFAULT_QUESTION, check_every: int = 8):
+        from unigendet.models.smsa import SMSA_MODES
+
+        mode = smsa if smsa is not None else getattr(model.config, "smsa_mode", "reference")
+        if mode not in SMSA_MODES:
+            raise ValueError(f"smsa must be one of {SMSA_MODES}, got {mode!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not model.config.visual_und:
+            raise ValueError("model has no ViT (visual_und=False): it cannot detect")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.packing = packing
+        self.smsa = mode
+        self.sampling = sampling or SamplingConfig.greedy()
+        self.max_new_tokens = int(max_new_tokens)
+        self.question = question
+        self.check_every = int(check_every)
+
+    @property
+    def use_vae(self) -> bool:
+        return bool(self.packing.det_use_vae and self.model.config.visual_gen and self.model.vae is not None)
+
+    def _question_ids(self, question: str) -> list[int]:
+        # The FakeClue human turn is "<image>question": only the text after the image placeholder is encoded.
+        text = question.partition("<image>")[2] if "<image>" in question else question
+        return self.tokenizer.encode(text) if text.strip() else []
+
+    def build_prefill(self, images: Sequence[Image.Image], questions: Sequence[str]):
+        """The prefill pack (host) of a few images."""
+        from unigendet.data.packing import build_packed_batch
+
+        plans, imgs = [], []
+        for i, (img, q) in enumerate(zip(images, questions)):
+            p, x = detection_plan(img, self._question_ids(q), self.packing, use_vae=self.use_vae, ident=str(i))
+            plans.append(p)
+            imgs.append(x)
+        return build_packed_batch(plans, imgs, self.tokenizer, self.packing)
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: Sequence[str | Image.Image],
+        *,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+        questions: Sequence[str] | None = None,
+    ) -> list[DetectionResult]:
+        """Detect every image (paths or PIL images), ``batch_size`` images per packed prefill.
+
+        Args:
+            seed: seeds the VAE posterior sample and, when sampling, the token draws.
+            questions: per-image prompt (default: ``self.question`` for all; a ``<image>`` prefix is dropped).
+        Returns:
+            one :class:`DetectionResult` per image, in order.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        images = list(images)
+        if questions is not None and len(questions) != len(images):
+            raise ValueError(f"questions ({len(questions)}) and images ({len(images)}) differ in length")
+        was_training = self.model.training
+        self.model.eval()
+        tok = self.tokenizer
+        gen = torch.Generator(device=self.model.device).manual_seed(int(seed))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(images), desc="detect", unit="img")
+        results: list[DetectionResult] = []
+        try:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                loaded = [_load_image(im) for im in chunk]
+                qs = [self.question if questions is None else questions[start + j] for j in range(len(chunk))]
+                batch = self.build_prefill([im for im, _ in loaded], qs)
+                res = decode_answers(
+                    self.model, batch, start_token_id=tok.im_start_id, eos_token_id=tok.im_end_id,
+                    max_new_tokens=self.max_new_tokens, smsa_mode=self.smsa, sampling=self.sampling,
+                    generator=gen, history=[self._question_ids(q) for q in qs], check_every=self.check_every,
+                )
+                probs = torch.softmax(res["det_logits"], -1)
+                for j, (ids, fin) in enumerate(zip(res["tokens"], res["finished"])):
+                    text = tok.decode(ids, skip_special_tokens=True).strip()
+                    logits = res["det_logits"][j].tolist()
+                    results.append(
+                        DetectionResult(
+                            label=int(np.argmax(logits)),
+                            prob_fake=float(probs[j, 0]),
+                            text=text,
+                            text_label=parse_verdict(text),
+                            explanation=split_explanation(text),
+                            logits=(float(logits[0]), float(logits[1])),
+                            num_tokens=len(ids),
+                            finished=fin,
+                            source=loaded[j][1],
+                        )
+                    )
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            self.model.train(was_training)
+            if bar is not None:
+                bar.close()
+        return results
