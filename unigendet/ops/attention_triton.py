@@ -7,8 +7,14 @@ synchronise with the device. Triton is imported lazily, on the first launch.
 ``packed_attention_fwd_triton(q, ks, vs, plan, softmax_scale) -> (out, lse)``
 ``packed_attention_bwd_triton(dout, q, ks, vs, out, lse, plan, softmax_scale) -> (dq, dks, dvs)``
 
-Shapes: ``q``/``out``/``dout`` (total_q, H, D); each ``ks[i]``/``vs[i]`` (total_k_i, Hkv, D) or None for
-an absent source; ``lse`` (H, total_q) float32, natural log, ``-inf`` where a query sees no key.
+Shapes: ``q``/``out``/``dout`` (total_q, H, D); each ``ks[i]``/``vs[i]`` (total_k_i, Hkv, D), or None (or a
+(0, Hkv, D) tensor) for an absent source; ``lse`` (H, total_q) float32, natural log, ``-inf`` where a query
+sees no key. Query rows in no plan range get ``out = 0``, ``lse = -inf``, ``dq = 0``; keys seen by no query
+get ``dk = dv = 0``.
+
+On GPU each kernel is autotuned over a small static config list, keyed on the head dim, the number of
+sources and the dtypes (the first call's shapes pick the config); under ``TRITON_INTERPRET=1`` a single
+16 x 16 tile configuration is used.
 """
 
 from __future__ import annotations
@@ -163,13 +169,13 @@ def _source_args(ts: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
 def _common_meta(q: torch.Tensor, D: int, num_sources: int) -> dict:
     return {
         "HEAD_DIM": D,
-        "BLOCK_D": max(16, triton_next_pow2(D)),
+        "BLOCK_D": max(16, _next_pow2(D)),
         "NUM_SOURCES": num_sources,
         "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
@@ -218,7 +224,7 @@ def packed_attention_fwd_triton(q: torch.Tensor, ks: Sequence[torch.Tensor | Non
     k = _kernels()
 
     def grid(m):
-        return (R, triton_cdiv(max_q_len, m["BLOCK_M"]), H)
+        return (R, _cdiv(max_q_len, m["BLOCK_M"]), H)
 
     _launch(
         "fwd", k._packed_attention_fwd_kernel, grid,
@@ -231,7 +237,7 @@ def packed_attention_fwd_triton(q: torch.Tensor, ks: Sequence[torch.Tensor | Non
     return out, lse
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
@@ -284,7 +290,7 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
     # 1. delta = rowsum(dO * O) in fp32.
     delta = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     block_t = k.INTERPRET_BLOCK_M if _interpret() else k.PREPROCESS_BLOCK_T
-    k._packed_attention_bwd_preprocess_kernel[(triton_cdiv(total_q, block_t), H)](
+    k._packed_attention_bwd_preprocess_kernel[(_cdiv(total_q, block_t), H)](
         out, dout, delta, total_q,
         out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t,
@@ -295,7 +301,7 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
     max_q_len = int(plan.max_q_len)
     if R > 0 and max_q_len > 0:
         def grid_dq(m):
-            return (R, triton_cdiv(max_q_len, m["BLOCK_M"]), H)
+            return (R, _cdiv(max_q_len, m["BLOCK_M"]), H)
 
         _launch(
             "dq", k._packed_attention_bwd_dq_kernel, grid_dq,
@@ -312,7 +318,7 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
     max_k_len = int(plan.max_k_len)
     if S > 0 and max_k_len > 0:
         def grid_dkdv(m):
-            return (S, triton_cdiv(max_k_len, m["BLOCK_N"]), hkv)
+            return (S, _cdiv(max_k_len, m["BLOCK_N"]), hkv)
 
         _launch(
             "dkdv", k._packed_attention_bwd_dkdv_kernel, grid_dkdv,
