@@ -81,24 +81,25 @@ def _layer(layer: MoTDecoderLayer, h, und, gen, cos, sin, attn):
     return h + route(layer.mlp, layer.mlp_moe_gen, x, h.shape[1])
 
 
-@torch.no_grad()
 def reference_decoder(
     model: Qwen2MoTModel,
     h_und: torch.Tensor,
     h_gen: torch.Tensor,
     batch,
     num_layers: int | None = None,
+    final_norm: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the decoder BAGEL's way on the batch's embeddings; returns final-normed ``(und, gen)`` states.
+    """Run the decoder BAGEL's way on the batch's embeddings; returns ``(und, gen)`` states (final-normed).
 
     The inputs are in the batch's expert-contiguous order; they are permuted back to BAGEL order with
-    ``batch.order``, processed with gather/scatter routing and dense masks, and permuted forward again.
+    ``batch.order``, processed with gather/scatter routing and dense masks (rebuilt on every call, as the
+    reference does), and permuted forward again. Differentiable (the training-step benchmark times it).
     """
     order = batch.order.to(h_und.device)
     s = order.shape[0]
     nu = h_und.shape[0]
     h = torch.empty(s, h_und.shape[1], dtype=h_und.dtype, device=h_und.device)
-    h[order] = torch.cat([h_und, h_gen])
+    h = h.index_put((order,), torch.cat([h_und, h_gen]))
     is_gen = torch.zeros(s, dtype=torch.bool, device=h.device)
     is_gen[order[nu:]] = True
     und, gen = (~is_gen).nonzero().squeeze(1), is_gen.nonzero().squeeze(1)
@@ -114,7 +115,10 @@ def reference_decoder(
     n = len(model.layers) if num_layers is None else num_layers
     for layer in model.layers[:n]:
         h = _layer(layer, h, und, gen, cos, sin, attn)
-    out = torch.zeros_like(h)
-    out[und], out[gen] = model.norm(h[und]), model.norm_moe_gen(h[gen])
+    if final_norm:
+        out = torch.zeros_like(h)
+        out = out.index_put((und,), model.norm(h[und])).index_put((gen,), model.norm_moe_gen(h[gen]))
+    else:
+        out = h
     out = out[order]
     return out[:nu], out[nu:]
