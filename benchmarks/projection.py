@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import fakeclue_samples, visible_pairs  # noqa: E402
+from bench_train_step import decoder_pack  # noqa: E402
 
 from unigendet.models import get_config  # noqa: E402
 from unigendet.models.qwen2_mot import MoTDecoderLayer, rope_cos_sin  # noqa: E402
@@ -42,17 +43,6 @@ PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 VIT_TOKEN_SHARE = 0.3
 IMAGES_PER_PACK = 8
 DIGA_LAYER = 8
-
-
-def expert_split(samples) -> tuple[torch.Tensor, int]:
-    """The expert-contiguous order of a split list: latent (noise/VAE) splits to the generation expert."""
-    is_gen = []
-    for sample in samples:
-        for length, mode in sample:
-            is_gen += [mode == "noise"] * length
-    g = torch.tensor(is_gen, dtype=torch.bool)
-    idx = torch.arange(len(is_gen))
-    return torch.cat([idx[~g], idx[g]]), int((~g).sum())
 
 
 def layer_fwd_flops(llm, tokens: int, pairs: int) -> float:
@@ -69,12 +59,12 @@ def measure_layers(device: torch.device, n_layers: int, tokens: int, rounds: int
     else:
         llm, dtype = get_config("tiny").llm, torch.float32
         samples, total = fakeclue_samples(tokens, seed=0, lo=150, hi=600)
-    order, n_und = expert_split(samples)
-    layout = AttentionLayout.from_splits(samples, order=order).to(device)
+    pack = decoder_pack(samples, total, device)
+    layout, n_und = pack.layout, pack.num_und
     pairs = visible_pairs(layout.plan_cpu if layout.plan_cpu is not None else layout.plan)
     layers = [MoTDecoderLayer(llm).to(device=device, dtype=dtype) for _ in range(n_layers)]
     h = torch.randn(total, llm.hidden_size, device=device, dtype=dtype) * 0.02
-    cos, sin = rope_cos_sin(torch.arange(total, device=device), llm.head_dim, llm.rope_theta, dtype)
+    cos, sin = rope_cos_sin(pack.position_ids, llm.head_dim, llm.rope_theta, dtype)
 
     def attn(q, k, v):
         return packed_attention(q, k, v, layout)

@@ -57,7 +57,7 @@ _REF_BLOCK_ELEMS = 1 << 24
 # Packs whose whole score matrix (heads x queries x keys) is at most this many entries run as one masked
 # attention (few large matmuls instead of one small call per range); larger packs go range by range, so the
 # reference's memory stays bounded either way.
-_REF_DENSE_ELEMS = 1 << 22
+_REF_DENSE_ELEMS = 1 << 24  # 64 MB of fp32 scores
 
 
 # --------------------------------------------------------------------------------------------------
