@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .loop import Trainer
 
-    summary = Trainer(cfg, progress=not args.no_progress).run()
+    trainer = Trainer(cfg, progress=not args.no_progress)
+    summary = trainer.run()
+    if not trainer.dist.is_main:  # under torchrun only rank 0 reports
+        return 0
     det = summary.get("detection") or {}
     thr = summary.get("throughput") or {}
     print(f"done: {summary['global_step']} steps in {summary['train_seconds']:.0f}s"

@@ -293,8 +293,11 @@ class Trainer:
             for micro in range(accum):
                 batch = next(packs).to(self.device, non_blocking=True)
                 n_tokens += batch.seq_len
-                gen = torch.Generator(device="cpu").manual_seed(
-                    zlib.crc32(f"{cfg.seed}/{key}/{step}/{micro}/{self.dist.rank}".encode()))
+                # The noise of global pack k depends on k only, so W processes x grad_accum A draw exactly what
+                # one process with grad_accum W * A draws, and a resumed run what an uninterrupted one draws.
+                # (On the model's device: torch.randn on a GPU refuses a CPU generator.)
+                gen = torch.Generator(device=self.device).manual_seed(
+                    zlib.crc32(f"{cfg.seed}/{key}/pack{batch.pack_id[1]}".encode()))
                 sync = (contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync")
                         else model.no_sync())
                 with sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
@@ -304,6 +307,9 @@ class Trainer:
                 (losses["loss"] / accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum  # one host sync per micro-batch
+            stop_signal = self.stop_signal
+            if self.dist.distributed:
+                sums, n_tokens, stop_signal = self._reduce_step(sums, n_tokens, stop_signal)
             finite = math.isfinite(sums["loss"])
             grad_norm = float("nan")
             if finite and cfg.optim.clip_grad_norm > 0:
@@ -328,8 +334,8 @@ class Trainer:
             step += 1
             self.global_step += 1
             dt = time.perf_counter() - t0
-            tokens_done += n_tokens * self.dist.world_size
-            tok_s = n_tokens * self.dist.world_size / max(dt, 1e-9)
+            tokens_done += n_tokens
+            tok_s = n_tokens / max(dt, 1e-9)
             rec = {f"loss_{k}" if k != "loss" else "loss": v for k, v in sums.items()}
             if step % cfg.log_every == 0 or step == scfg.steps:
                 self.logger.log("step", stage=stage, round=rnd, step=step, global_step=self.global_step,
@@ -338,12 +344,14 @@ class Trainer:
             bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in rec.items()} | {"tok/s": f"{tok_s:.0f}"},
                             refresh=False)
             bar.update(1)
-            stopping = self.stop_signal is not None
+            if not self.dist.distributed:
+                stop_signal = self.stop_signal
+            stopping = stop_signal is not None
             if step % cfg.save_every == 0 or step == scfg.steps or stopping:
                 self._save(rnd, stage, step, opt, sched, ema)
             if stopping:
                 bar.close()
-                raise _Interrupted(self.stop_signal)
+                raise _Interrupted(stop_signal)
         bar.close()
         elapsed = time.perf_counter() - t_start
         summary = {"steps": step, "seconds": elapsed, "tokens": tokens_done,
@@ -358,6 +366,23 @@ class Trainer:
         self.completed.append(key)
         self.history[key] = summary
         return summary
+
+    def _reduce_step(self, sums: dict[str, float], n_tokens: int, stop_signal: int | None):
+        """Global mean losses, global token count and the largest pending signal, identical on every rank.
+
+        Every rank then takes the same decisions (skip a non-finite step, save and stop after a signal that
+        reached only some of the processes) and rank 0 logs the global losses.
+        """
+        import torch.distributed as dist
+
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys] + [float(n_tokens)], dtype=torch.float64, device=self.device)
+        sig = torch.tensor([stop_signal or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        dist.all_reduce(sig, op=dist.ReduceOp.MAX)
+        vals = t.tolist()
+        w = self.dist.world_size
+        return {k: v / w for k, v in zip(keys, vals)}, int(vals[-1]), (int(sig) or None)
 
     def _losses(self, out: dict, stage: str, scfg) -> dict:
         from unigendet.models import diga_losses, gduf_losses
@@ -392,7 +417,8 @@ class Trainer:
                     teacher = self.model.make_diga_teacher()
                     return teacher
                 raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
-            current = self._model_state()
+            # state_dict() tensors share storage with the parameters: copy them before loading over them.
+            current = {k: v.clone() for k, v in self._model_state().items()}
             self.model.load_state_dict(load_sharded(folder), strict=False)
             teacher = self.model.make_diga_teacher()
             self.model.load_state_dict(current, strict=False)
@@ -516,7 +542,8 @@ class Trainer:
                 self.run_stage(rnd, stage, rs)
         except _Interrupted as e:
             self.logger.log("interrupted", signal=e.signum, checkpoint=self.ckpt.latest())
-            print(f"interrupted by signal {e.signum}; checkpoint saved at {self.ckpt.latest()}", file=sys.stderr)
+            if self.dist.is_main:  # rank 0 writes the checkpoints
+                print(f"interrupted by signal {e.signum}; checkpoint saved at {self.ckpt.latest()}", file=sys.stderr)
             raise SystemExit(128 + e.signum) from None
         finally:
             for s, h in old.items():
@@ -629,7 +656,10 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 def _save_png(img: torch.Tensor, path: str) -> None:
     from PIL import Image
 
-    Image.fromarray(_to_uint8(img)).save(path)
+    # Every rank writes the same self-generated fakes: a rename keeps a reader from seeing a half-written file.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Image.fromarray(_to_uint8(img)).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def _save_grid(images: list[torch.Tensor], path: str, cols: int = 4) -> None:
