@@ -61,20 +61,32 @@ class _Interrupted(Exception):
         self.signum = signum
 
 
+def _with_smsa_layouts(packs, smsa: str):
+    """Attach each pack's SMSA attention layout (host work, done where the pack is built: a loader worker)."""
+    from unigendet.data.loader import EmptyPack
+    from unigendet.models import smsa_layout
+
+    for batch in packs:
+        if smsa != "reference" and not isinstance(batch, EmptyPack):
+            batch.attn_layout = smsa_layout(batch, smsa)
+        yield batch
+
+
 class _RankPacks(torch.utils.data.IterableDataset):
     """This rank's packs of a :class:`PackedDataset` planned as one global stream (see the module docstring).
 
-    DataLoader workers split the rank's packs round-robin, so the loader yields them in global order.
+    DataLoader workers split the rank's packs round-robin, so the loader yields them in global order. Each pack
+    carries its SMSA layout, built in the worker so the training step does no host work for it.
     """
 
-    def __init__(self, dataset, rank: int, world: int):
+    def __init__(self, dataset, rank: int, world: int, smsa: str):
         super().__init__()
-        self.dataset, self.rank, self.world = dataset, rank, world
+        self.dataset, self.rank, self.world, self.smsa = dataset, rank, world, smsa
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.dataset.iter_packs(self.rank + self.world * wid, self.world * nw)
+        return _with_smsa_layouts(self.dataset.iter_packs(self.rank + self.world * wid, self.world * nw), self.smsa)
 
 
 def _identity(x):
@@ -206,10 +218,10 @@ class Trainer:
             device_id = self.device.index if self.device.type == "cuda" else None
             mat = DaliMaterialiser(dataset.cfg, num_threads=max(1, d.num_workers), device_id=device_id,
                                    seed=dataset.seed)
-            it = dataset.iter_packs(rank, world, mat)
+            it = _with_smsa_layouts(dataset.iter_packs(rank, world, mat), self.cfg.smsa)
         else:
             it = iter(torch.utils.data.DataLoader(
-                _RankPacks(dataset, rank, world), batch_size=None, num_workers=d.num_workers,
+                _RankPacks(dataset, rank, world, self.cfg.smsa), batch_size=None, num_workers=d.num_workers,
                 collate_fn=_identity, pin_memory=self.device.type == "cuda",
                 prefetch_factor=2 if d.num_workers > 0 else None))
         for batch in it:
@@ -302,7 +314,8 @@ class Trainer:
                         else model.no_sync())
                 with sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
                                           enabled=self.amp_dtype is not None):
-                    out = model(batch, generator=gen, diga_teacher=teacher)
+                    out = model(batch, generator=gen, diga_teacher=teacher,
+                                layout=getattr(batch, "attn_layout", None))
                     losses = self._losses(out, stage, scfg)
                 (losses["loss"] / accum).backward()
                 for k, v in losses.items():
