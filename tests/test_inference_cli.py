@@ -1,4 +1,4 @@
-"""End-to-end runs of ``python -m unigendet.detect / generate / evaluate`` on a random tiny checkpoint."""
+"""End-to-end runs of ``python -m unigendet.detect / generate / evaluate`` on a tiny trained checkpoint."""
 
 import glob
 import json
@@ -8,26 +8,26 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from unigendet import detect as detect_cmd
 from unigendet import evaluate as evaluate_cmd
 from unigendet import generate as generate_cmd
 from unigendet.data import embedded_dataset
-from unigendet.models import UniGenDet, get_config, save_checkpoint
-from unigendet.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    m = UniGenDet(get_config("tiny"))
-    torch.nn.init.normal_(m.llm2vae.weight, std=0.02)
-    folder = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    save_checkpoint(m, folder)
-    load_tokenizer("tiny").save(folder)
-    return folder
+    """The ``final/`` folder of a short GDUF + DIGA run of ``python -m unigendet.train``'s trainer."""
+    from unigendet.train import load_config, train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("tiny", ["--gduf.steps=3", "--diga.steps=1", f"--out-dir={out}", "--eval_samples=0",
+                               "--sample_images=0", "--save_every=100", "--lr=1e-3", "--warmup_steps=0",
+                               "--data.expected_tokens=512", "--data.max_tokens=640",
+                               "--data.max_tokens_per_sample=512"])
+    train(cfg, progress=False)
+    return str(out / "final")
 
 
 @pytest.fixture(scope="module")
