@@ -26,7 +26,7 @@ from PIL import Image
 
 __all__ = ["EmbeddedDataset", "FAKE_PROCESSES", "SOURCES", "build_embedded", "embedded_dataset", "text_corpus"]
 
-_VERSION = 1
+_VERSION = 2
 QUESTION = "<image>Does the image looks real/fake?"
 
 
@@ -168,10 +168,13 @@ def _load_source(src: _Source) -> np.ndarray:
 
 
 def _crop(photo: np.ndarray, rng: np.random.Generator, out_wh: tuple[int, int]) -> np.ndarray:
-    """A random crop (25-70% of the short side, output aspect ratio), random flip, resized to ``out_wh``."""
+    """A random crop (45-90% of the short side, output aspect ratio), random flip, resized to ``out_wh``.
+
+    Large crops keep the downscale factor high, so real images keep the fine, sharp texture a camera records.
+    """
     h, w = photo.shape[:2]
     ow, oh = out_wh
-    frac = rng.uniform(0.25, 0.7)
+    frac = rng.uniform(0.45, 0.9)
     ch = int(min(h, w) * frac)
     cw = min(w, max(8, int(round(ch * ow / oh))))
     y = int(rng.integers(0, h - ch + 1))
@@ -230,7 +233,7 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 def _autoencoder(x, rng):
-    # Per 8x8 block: luma keeps the 10 lowest DCT frequencies, chroma only the DC term, then decode. The lost high
+    # Per 8x8 block: luma keeps the 3 lowest DCT frequencies, chroma only the DC term, then decode. The lost high
     # frequencies and independent blocks leave seams and colour bleeding like a small latent autoencoder.
     h, w = x.shape[:2]
     hb, wb = h - h % 8, w - w % 8
@@ -249,7 +252,7 @@ def _autoencoder(x, rng):
         out[:hb, :wb] = rec.transpose(0, 2, 1, 3).reshape(hb, wb)
         return out
 
-    y, cb, cr = lowpass(y, 4), lowpass(cb, 1), lowpass(cr, 1)
+    y, cb, cr = lowpass(y, 2), lowpass(cb, 1), lowpass(cr, 1)
     r = y + cr
     b = y + cb
     g = (y - 0.299 * r - 0.114 * b) / 0.587
@@ -260,18 +263,18 @@ def _diffusion(x, rng):
     # Noise, then a strong denoiser (blur), then a little fresh grain: waxy surfaces with residual even noise.
     noisy = x + rng.normal(0.0, 0.10, size=x.shape)
     den = _conv2d_same(noisy, _gauss(1.6, 3))
-    return den + rng.normal(0.0, 0.012, size=x.shape)
+    return den + rng.normal(0.0, 0.04, size=x.shape)
 
 
 def _banding(x, rng):
-    levels = int(rng.integers(4, 7))
+    levels = int(rng.integers(3, 6))
     sm = _conv2d_same(x, _gauss(0.8, 1))
     return np.round(sm * (levels - 1)) / (levels - 1)
 
 
 def _resampling(x, rng):
     h, w = x.shape[:2]
-    f = float(rng.uniform(2.5, 3.5))
+    f = float(rng.uniform(3.0, 4.0))
     sw, sh = max(4, int(w / f)), max(4, int(h / f))
     im = Image.fromarray(_to_u8(x))
     small = im.resize((sw, sh), Image.Resampling.NEAREST)
@@ -309,7 +312,10 @@ def _det_records(split, n, seed, photos, sources, out_root, hashes, sizes):
     records = []
     for i in range(n):
         rng = np.random.default_rng([seed, 1 if split == "train" else 2, i])
-        src = sources[i % len(sources)]
+        # Reals cycle through the sources; fakes pair every process with every source. (Cycling both by the
+        # sample index would tie each process to one photograph whenever there are as many sources as processes.)
+        k = i // 2
+        src = sources[(k if i % 2 == 0 else k + k // len(procs)) % len(sources)]
         size = sizes[int(rng.integers(len(sizes)))]
         crop = _crop(photos[src.name], rng, size)
         # Alternate real and fake; cycle fakes through the processes.
@@ -362,17 +368,17 @@ _CARD = """\
 A tiny, fully offline stand-in for FakeClue (detection with explanations) and the LAION subset (text-to-image),
 built deterministically by `unigendet.data.embedded.build_embedded` (seed {seed}).
 
-* **Real images**: random crops (25-70 % of the short side, random horizontal flip, bicubic resize to
+* **Real images**: random crops (45-90 % of the short side, random horizontal flip, bicubic resize to
   {sizes}) of the photographs bundled with scikit-image (`skimage/data`), scikit-learn (`load_sample_images`)
   and matplotlib (`grace_hopper.jpg`). Grey photos are replicated to RGB.
 * **Fake images**: crops of the same kind passed through one of five generator-like processes; `cate` names it:
   `upsampling` (stride-2 transposed convolution with uneven phase gain: checkerboards), `autoencoder` (8x8 block
   DCT low-pass of luma/chroma: block seams, colour bleeding), `diffusion` (noise then denoise: waxy surfaces,
-  residual grain), `banding` (colour quantisation to 4-6 levels), `resampling` (nearest downscale by 2.5-3.5x then
+  residual grain), `banding` (colour quantisation to 3-5 levels), `resampling` (nearest downscale by 3-4x then
   bilinear upscale: staircase aliasing, blur). Real images have `cate` = `photo`.
 * **Explanations**: "This is a fake image. ..." / "This is a real image. ..." naming what is visible (templated,
   three wordings per process). Labels: 0 = fake, 1 = real (FakeClue convention). Classes alternate, so each split
-  is balanced.
+  is balanced, and every process is applied to crops of every source photograph.
 * **Splits**: by source photograph. Train sources: {train_sources}. Test sources: {test_sources}.
 * **Sizes**: detection train {n_train}, detection test {n_test}, generation {n_gen} (train sources only).
 * **Layout**: `fakeclue/data_json/{{train,test}}.json` (FakeClue records plus a `source` key) with images under
