@@ -219,6 +219,8 @@ class UniGenDetConfig:
     diga_layer: int = 8
     diga_mlp_ratio: int = 4
     smsa_mode: str = "reference"
+    #: activation of ``fake_cls_head`` ("relu" as UniGenDet; the tiny preset uses "gelu", see connectors.py)
+    cls_head_act: str = "relu"
     visual_gen: bool = True
     visual_und: bool = True
 
@@ -322,6 +324,7 @@ def _tiny() -> UniGenDetConfig:
         max_latent_size=4,
         vit_max_num_patch_per_side=4,
         diga_layer=2,
+        cls_head_act="gelu",
     )
 
 

@@ -129,10 +129,18 @@ def latent_unpatchify(tokens: torch.Tensor, h: int, w: int, p: int, c: int) -> t
     return x.reshape(c, h * p, w * p)
 
 
-def fake_cls_head(hidden_size: int) -> nn.Sequential:
-    """Real/fake head: LayerNorm, Linear(h, h/4), ReLU, Linear(h/4, 2) (keys ``fake_cls_head.0/1/3``)."""
+def fake_cls_head(hidden_size: int, act: str = "relu") -> nn.Sequential:
+    """Real/fake head: LayerNorm, Linear(h, h/4), activation, Linear(h/4, 2) (keys ``fake_cls_head.0/1/3``).
+
+    UniGenDet uses ReLU. ``act="gelu"`` (parameter-free, same keys) avoids the units dying together when the head's
+    input barely varies between samples early in training, which stalls small models trained from scratch.
+    """
+    acts = {"relu": nn.ReLU, "gelu": nn.GELU}
+    if act not in acts:
+        raise ValueError(f"fake_cls_head activation must be one of {sorted(acts)}, got {act!r}")
     return nn.Sequential(
-        nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden_size // 4), nn.ReLU(), nn.Linear(hidden_size // 4, 2)
+        nn.LayerNorm(hidden_size), nn.Linear(hidden_size, hidden_size // 4), acts[act](),
+        nn.Linear(hidden_size // 4, 2),
     )
 
 

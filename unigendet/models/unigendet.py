@@ -75,7 +75,7 @@ class UniGenDet(nn.Module):
             self.vae2llm = nn.Linear(config.patch_latent_dim, h)
             self.llm2vae = nn.Linear(h, config.patch_latent_dim)
             self.latent_pos_embed = PositionEmbedding(config.max_latent_size, h)
-        self.fake_cls_head = fake_cls_head(h)
+        self.fake_cls_head = fake_cls_head(h, config.cls_head_act)
         self.diga_mlp = diga_mlp(h, config.diga_mlp_ratio)
         self.vae = build_vae(config.vae) if (build_vae_module and config.visual_gen) else None
         if not any(p.is_meta for p in self.parameters()):
