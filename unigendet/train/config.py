@@ -84,7 +84,8 @@ class TrainConfig:
     rounds: int = 1
     seed: int = 0
     device: str = "auto"
-    #: "auto" (FSDP2 on several GPUs, DDP on several CPU processes, none on one), "fsdp", "ddp", "none"
+    #: "auto" (DDP when several processes run, none on one), "ddp", "none", or "fsdp" (FSDP2 sharding; refused for
+    #: now because checkpoints of sharded weights are not gathered yet)
     parallel: str = "auto"
     dtype: str = "auto"  # bf16 autocast on GPUs, fp32 on CPUs
     grad_checkpointing: bool = False

@@ -1,9 +1,9 @@
 """Process groups and model wrapping for ``torchrun`` launches.
 
 One process: nothing to do. Several processes (``torchrun --nproc-per-node N``): NCCL on GPUs, gloo on
-CPUs. On GPUs the default is FSDP2 (``fully_shard`` per decoder block, then the root, bf16 parameters with
-fp32 gradient reduction; frozen parameters are fine in FSDP2); ``parallel=ddp`` uses DDP instead, which is also
-what CPU runs use (gloo), so the multi-process path is exercised on machines without GPUs.
+CPUs. ``parallel=auto`` uses DDP (also on CPUs, with gloo, so the multi-process path is exercised on machines
+without GPUs). ``wrap_model(..., "fsdp")`` applies FSDP2 (``fully_shard`` per decoder block, then the root, bf16
+parameters with fp32 gradient reduction); the trainer refuses it until its checkpoints gather sharded weights.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "auto", blocks:
     if not info.distributed or parallel == "none":
         return model
     if parallel == "auto":
-        parallel = "fsdp" if info.device.type == "cuda" else "ddp"
+        # FSDP2 is wired below but the trainer cannot yet checkpoint sharded weights, so auto means DDP.
+        parallel = "ddp"
     if parallel == "fsdp":
         if info.device.type != "cuda":
             raise ValueError("parallel='fsdp' needs CUDA devices; use parallel='ddp' on CPUs")

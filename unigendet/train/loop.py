@@ -269,6 +269,10 @@ class Trainer:
         if stage == "diga":
             teacher = self._diga_teacher(rnd, resume_state is not None)
         params = self._set_trainable(stage)
+        if cfg.parallel == "fsdp" and self.dist.distributed:
+            raise NotImplementedError(
+                "parallel='fsdp': checkpoints of FSDP2-sharded weights, optimizer state and the DIGA teacher copy "
+                "are not gathered yet, so a run would fail at its first save; use --parallel=ddp")
         # DDP must see the stage's trainable set, so it is re-wrapped per stage; FSDP2 shards once.
         if self._wrapped is None or not self._wrapped_fsdp:
             self._wrapped = wrap_model(self.model, self.dist, cfg.parallel,
