@@ -359,7 +359,7 @@ def save_checkpoint(
     Written into a temporary sibling folder and renamed into place, so ``folder`` is either the old complete
     checkpoint or the new complete one, never a partial write. Returns the shard file names.
     """
-    from safetensors.torch import save_file
+    from .._shards import save_sharded
 
     state = checkpoint_state_dict(model)
     folder = os.path.abspath(folder)
@@ -368,30 +368,7 @@ def save_checkpoint(
     tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        groups: list[list[str]] = [[]]
-        size = 0
-        for k, v in state.items():
-            nbytes = v.numel() * (v.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size())
-            if groups[-1] and size + nbytes > max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(k)
-            size += nbytes
-        n = len(groups)
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map, total = {}, 0
-        for name, keys in zip(names, groups):
-            tensors = {}
-            for k in keys:
-                t = state[k].detach()
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                tensors[k] = t.to("cpu").contiguous()
-                total += tensors[k].numel() * tensors[k].element_size()
-                weight_map[k] = name
-            save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
-        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        names = save_sharded(state, tmp, "model", max_shard_bytes=max_shard_bytes, dtype=dtype)
         if write_config:
             save_config(model.config, tmp)
         old = None

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._shards import _host_tensors, load_sharded, save_sharded
+
 __all__ = [
     "CheckpointManager",
     "get_rng_state",
@@ -34,67 +36,6 @@ __all__ = [
     "save_sharded",
     "set_rng_state",
 ]
-
-_SHARD_BYTES = 2 * 1024**3
-
-
-def _contiguous_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        t = v.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        out[k] = t.contiguous()
-    return out
-
-
-def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage; clone the later ones."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, t in sd.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
-        if key in seen:
-            t = t.clone()
-        seen.add(key)
-        out[k] = t
-    return out
-
-
-def save_sharded(state: dict[str, torch.Tensor], folder: str, prefix: str = "model",
-                 max_shard_bytes: int = _SHARD_BYTES, metadata: dict[str, str] | None = None) -> list[str]:
-    """Write ``state`` as ``<prefix>-0000i-of-0000n.safetensors`` + ``<prefix>.safetensors.index.json``."""
-    state = _untie(_contiguous_cpu(state))
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in state:
-        nbytes = state[k].numel() * state[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = state[k]
-        size += nbytes
-    n = len(shards)
-    names, weight_map = [], {}
-    for i, shard in enumerate(shards):
-        name = f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, os.path.join(folder, name), metadata=metadata or {"format": "pt"})
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    with open(os.path.join(folder, f"{prefix}.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
-    return names
-
-
-def load_sharded(folder: str, prefix: str = "model", device: str = "cpu") -> dict[str, torch.Tensor]:
-    with open(os.path.join(folder, f"{prefix}.safetensors.index.json")) as f:
-        index = json.load(f)
-    out: dict[str, torch.Tensor] = {}
-    for name in sorted(set(index["weight_map"].values())):
-        out.update(load_file(os.path.join(folder, name), device=device))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------------
 # RNG
@@ -182,14 +123,14 @@ class CheckpointManager:
         try:
             save_sharded(model_state, tmp, "model")
             if ema_state is not None:
-                save_file(_untie(_contiguous_cpu(ema_state)), os.path.join(tmp, "ema.safetensors"))
+                save_file(_host_tensors(ema_state, None), os.path.join(tmp, "ema.safetensors"))
             meta = dict(trainer_state)
             if optimizer is not None:
                 tensors, opt_meta = _optimizer_to_safetensors(optimizer.state_dict())
-                save_file(_contiguous_cpu(tensors), os.path.join(tmp, "optimizer.safetensors"))
+                save_file(_host_tensors(tensors, None), os.path.join(tmp, "optimizer.safetensors"))
                 meta["optimizer"] = opt_meta
             rng_tensors, rng_scalars = get_rng_state()
-            save_file(_contiguous_cpu(rng_tensors), os.path.join(tmp, "rng.safetensors"))
+            save_file(_host_tensors(rng_tensors, None), os.path.join(tmp, "rng.safetensors"))
             meta["rng"] = rng_scalars
             meta["step"] = step
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
