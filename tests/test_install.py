@@ -131,3 +131,27 @@ def test_forced_cuda_backend_without_cuda_is_readable(tmp_path):
     assert r.returncode == 0, r.stderr
     if ops:
         assert "-> NONE" in r.stdout
+
+
+@pytest.mark.slow
+def test_jit_build_when_not_built_ahead_of_time(tmp_path):
+    """Without the ahead-of-time `_C`, the C++ kernels compile on first use into the cache and run."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'unigendet._C': raise ImportError('hidden by test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from unigendet import _ext\n"
+        "s = _ext.load(); print(s.loaded, s.how)\n"
+        "from unigendet.ops.diga_loss import diga_loss\n"
+        "x, t = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)\n"
+        "a = diga_loss(x.float(), t.float(), [(2, 2)], [(2, 2)], backend='cpp')\n"
+        "b = diga_loss(x, t, [(2, 2)], [(2, 2)], backend='torch')\n"
+        "print(abs(float(a) - float(b)) < 1e-5)\n"
+    )
+    r = _run(["-c", code], cwd=tmp_path, env={"UNIGENDET_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "jit", "True"]
+    assert list((tmp_path / "cache" / "torch_extensions").iterdir())
