@@ -176,8 +176,9 @@ def write_markdown(path: str, report: dict) -> None:
         pct = r.get("pct_of_gemm", r.get("pct_of_copy"))
         vs = ", ".join(f"{k}: {v:.2f}x" for k, v in sorted(r["vs"].items())) or "-"
         pct_s = f"{pct:.0f}%" if pct is not None else "-"
-        lines.append(f"| {r['group']} | {r['ours']} | {r['ours_ms']:.3f} | {r.get('tflops', '-')}"
-                     f" | {r.get('gbps', '-')} | {pct_s} | {vs} |")
+        tflops = f"{r['tflops']:.3g}" if "tflops" in r else "-"
+        gbps = f"{r['gbps']:.3g}" if "gbps" in r else "-"
+        lines.append(f"| {r['group']} | {r['ours']} | {r['ours_ms']:.3f} | {tflops} | {gbps} | {pct_s} | {vs} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
