@@ -54,9 +54,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Elements of one fp32 score block in the reference (queries are processed in chunks of this budget).
 _REF_BLOCK_ELEMS = 1 << 24
-# Packs whose whole score matrix (heads x queries x keys) is at most this many entries run as one masked
-# attention (few large matmuls instead of one small call per range); larger packs go range by range, so the
-# reference's memory stays bounded either way.
+# The reference splits a plan into connected blocks (in a pack: samples). A block whose score matrix (heads x
+# queries x keys) has at most this many entries runs as one masked attention (a few large matmuls instead of one
+# small call per range); larger blocks go range by range, so the reference's memory stays bounded either way.
 _REF_DENSE_ELEMS = 1 << 24  # 64 MB of fp32 scores
 
 
@@ -138,35 +138,89 @@ def _chunks(lq: int, h: int, lk: int):
     return range(0, lq, step), step
 
 
-def _dense_pack(q, ks, vs, qr, ptr, ents, cdt):
-    """The whole pack as one masked attention, when its score matrix is small (see ``_REF_DENSE_ELEMS``).
+def _blocks(qr, ptr, ents):
+    """Connected blocks of a plan: query ranges that (transitively) share keys, with their key pieces.
 
-    Returns ``(k, v, vis, offsets)``: all sources' keys/values concatenated (Hkv, Ktot, D), the visibility
-    mask (total_q, Ktot) built from the plan's entries, and each source's column offset; or None when the
-    pack is too large (the per-range path then keeps memory bounded by the largest range).
+    Returns ``[(ranges, pieces)]``: the block's query-range indices and its key pieces ``(src, k0, k1)``, disjoint
+    and sorted; every entry of a block's ranges lies inside exactly one of its pieces. In a pack, a block is one
+    sample (or less), so dense attention per block never scores keys of other samples.
     """
-    total_q, h, _ = q.shape
-    total_k = sum(k.shape[0] for k in ks)
-    if total_k == 0 or h * total_q * total_k > _REF_DENSE_ELEMS:
-        return None
-    offsets = [0]
-    for k in ks[:-1]:
-        offsets.append(offsets[-1] + k.shape[0])
-    vis = torch.zeros(total_q, total_k, dtype=torch.bool, device=q.device)
+    parent = list(range(len(qr)))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    by_src: dict[int, list] = {}
     for r, (qs, qe) in enumerate(qr):
-        for k0, k1, diag, flags in ents[ptr[r]:ptr[r + 1]]:
-            if qe <= qs or k1 <= k0:
-                continue
-            c0 = offsets[flags >> 1]
-            if flags & 1:
-                rows = torch.arange(qs, qe, device=q.device).unsqueeze(1)
-                cols = torch.arange(k0, k1, device=q.device).unsqueeze(0)
-                vis[qs:qe, c0 + k0:c0 + k1] = (cols - rows) <= diag
+        if qe <= qs:
+            continue
+        for k0, k1, _, flags in ents[ptr[r]:ptr[r + 1]]:
+            if k1 > k0:
+                by_src.setdefault(flags >> 1, []).append((k0, k1, r))
+    merged = []  # (src, k0, k1, ranges): overlapping key intervals merged into one piece
+    for src, ivs in by_src.items():
+        ivs.sort()
+        cur = None
+        for k0, k1, r in ivs:
+            if cur is not None and k0 < cur[1]:
+                cur[1] = max(cur[1], k1)
+                cur[2].append(r)
             else:
-                vis[qs:qe, c0 + k0:c0 + k1] = True
-    k = torch.cat(ks, 0).to(cdt).transpose(0, 1)
-    v = torch.cat(vs, 0).to(cdt).transpose(0, 1)
-    return k, v, vis, offsets
+                if cur is not None:
+                    merged.append((src, *cur))
+                cur = [k0, k1, [r]]
+        if cur is not None:
+            merged.append((src, *cur))
+    for _, _, _, rs in merged:
+        for r in rs[1:]:
+            parent[find(r)] = find(rs[0])
+    blocks: dict[int, tuple[set, list]] = {}
+    for src, k0, k1, rs in merged:
+        ranges, pieces = blocks.setdefault(find(rs[0]), (set(), []))
+        ranges.update(rs)
+        pieces.append((src, k0, k1))
+    return [(sorted(rs), sorted(pcs)) for rs, pcs in blocks.values()]
+
+
+def _block_dense(q, ks, vs, qr, ptr, ents, ranges, pieces, cdt):
+    """Gathered queries (Lq, H, D), keys/values (Hkv, Lk, D) and the visibility mask (Lq, Lk) of one block,
+    or None when its score matrix is larger than ``_REF_DENSE_ELEMS``. ``rows``/``cols`` give each range's row
+    offset and each piece's column offset in the gathered tensors."""
+    lq = sum(qr[r][1] - qr[r][0] for r in ranges)
+    lk = sum(k1 - k0 for _, k0, k1 in pieces)
+    if q.shape[1] * lq * lk > _REF_DENSE_ELEMS:
+        return None
+    rows, off = {}, 0
+    for r in ranges:
+        rows[r] = off
+        off += qr[r][1] - qr[r][0]
+    cols, off = [], 0
+    for src, k0, k1 in pieces:
+        cols.append((src, k0, k1, off))
+        off += k1 - k0
+    dev = q.device
+    vis = torch.zeros(lq, lk, dtype=torch.bool, device=dev)
+    for r in ranges:
+        qs, qe = qr[r]
+        r0 = rows[r]
+        for k0, k1, diag, flags in ents[ptr[r]:ptr[r + 1]]:
+            if k1 <= k0:
+                continue
+            src = flags >> 1
+            c0 = next(c + k0 - a for s_, a, b, c in cols if s_ == src and a <= k0 and k1 <= b)
+            if flags & 1:
+                vis[r0:r0 + qe - qs, c0:c0 + k1 - k0] = (
+                    torch.arange(k0, k1, device=dev).unsqueeze(0) - torch.arange(qs, qe, device=dev).unsqueeze(1)
+                ) <= diag
+            else:
+                vis[r0:r0 + qe - qs, c0:c0 + k1 - k0] = True
+    qb = torch.cat([q[qr[r][0]:qr[r][1]] for r in ranges]).to(cdt)
+    kb = torch.cat([ks[src][k0:k1] for src, k0, k1 in pieces]).to(cdt).transpose(0, 1)
+    vb = torch.cat([vs[src][k0:k1] for src, k0, k1 in pieces]).to(cdt).transpose(0, 1)
+    return qb, kb, vb, vis, rows, cols
 
 
 def _reference_fwd(q, ks, vs, q_ranges, kv_ptr, kv_entries, scale):
@@ -175,31 +229,44 @@ def _reference_fwd(q, ks, vs, q_ranges, kv_ptr, kv_entries, scale):
     out = torch.zeros(total_q, h, vs[0].shape[-1] if vs else d, dtype=q.dtype, device=q.device)
     lse = torch.full((h, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     qr, ptr, ents = _host_lists(q_ranges, kv_ptr, kv_entries)
-    dense = _dense_pack(q, ks, vs, qr, ptr, ents, cdt)
-    if dense is not None:
-        k, v, vis, _ = dense
-        s, _ = _scores(q.to(cdt), k, 0, None, None, scale, k.shape[0], vis)
-        p, l = _softmax(s)
-        out.copy_(torch.matmul(p, v).reshape(h, total_q, -1).transpose(0, 1))
-        lse.copy_(l.reshape(h, total_q))
-        return out, lse
-    for r, (qs, qe) in enumerate(qr):
-        if qe <= qs:
-            continue
-        g = _range_keys(qs, qe, ents[ptr[r]:ptr[r + 1]], ks, vs, cdt)
-        if g is None:
-            continue
-        k, v, _, col_pos, col_diag = g
-        hkv = k.shape[0]
-        starts, step = _chunks(qe - qs, h, k.shape[1])
-        for c0 in starts:
-            a, b = qs + c0, min(qe, qs + c0 + step)
-            s, _ = _scores(q[a:b].to(cdt), k, a, col_pos, col_diag, scale, hkv)
+    for ranges, pieces in _blocks(qr, ptr, ents):
+        dense = _block_dense(q, ks, vs, qr, ptr, ents, ranges, pieces, cdt)
+        if dense is not None:  # the block as one masked attention
+            qb, kb, vb, vis, rows, _ = dense
+            lq = qb.shape[0]
+            s, _ = _scores(qb, kb, 0, None, None, scale, kb.shape[0], vis)
             p, l = _softmax(s)
-            o = torch.matmul(p, v)  # (Hkv, G*Lq, Dv)
-            out[a:b] = o.reshape(h, b - a, -1).transpose(0, 1).to(q.dtype)
-            lse[:, a:b] = l.reshape(h, b - a).to(torch.float32)
+            ob = torch.matmul(p, vb).reshape(h, lq, -1).transpose(0, 1)
+            lb = l.reshape(h, lq)
+            for r in ranges:
+                (qs, qe), r0 = qr[r], rows[r]
+                out[qs:qe] = ob[r0:r0 + qe - qs].to(q.dtype)
+                lse[:, qs:qe] = lb[:, r0:r0 + qe - qs].to(torch.float32)
+            continue
+        for r in ranges:  # a large block: range by range, in query chunks
+            qs, qe = qr[r]
+            g = _range_keys(qs, qe, ents[ptr[r]:ptr[r + 1]], ks, vs, cdt)
+            if g is None:
+                continue
+            k, v, _, col_pos, col_diag = g
+            hkv = k.shape[0]
+            starts, step = _chunks(qe - qs, h, k.shape[1])
+            for c0 in starts:
+                a, b = qs + c0, min(qe, qs + c0 + step)
+                s, _ = _scores(q[a:b].to(cdt), k, a, col_pos, col_diag, scale, hkv)
+                p, l = _softmax(s)
+                o = torch.matmul(p, v)  # (Hkv, G*Lq, Dv)
+                out[a:b] = o.reshape(h, b - a, -1).transpose(0, 1).to(q.dtype)
+                lse[:, a:b] = l.reshape(h, b - a).to(torch.float32)
     return out, lse
+
+
+def _grads(qg, k, v, p, do, scale):
+    """Softmax-attention gradients of one score block: ``(dq (Hkv, G*Lq, D), dk (Hkv, Lk, D), dv)``."""
+    dv = torch.matmul(p.transpose(1, 2), do)
+    dp = torch.matmul(do, v.transpose(1, 2))
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(1, 2), qg) * scale, dv
 
 
 def _reference_bwd(dout, q, ks, vs, q_ranges, kv_ptr, kv_entries, scale):
@@ -209,48 +276,46 @@ def _reference_bwd(dout, q, ks, vs, q_ranges, kv_ptr, kv_entries, scale):
     dk_acc = [torch.zeros(k.shape, dtype=cdt, device=k.device) for k in ks]
     dv_acc = [torch.zeros(v.shape, dtype=cdt, device=v.device) for v in vs]
     qr, ptr, ents = _host_lists(q_ranges, kv_ptr, kv_entries)
-    dense = _dense_pack(q, ks, vs, qr, ptr, ents, cdt)
-    if dense is not None:
-        k, v, vis, offsets = dense
-        hkv = k.shape[0]
-        s, qg = _scores(q.to(cdt), k, 0, None, None, scale, hkv, vis)
-        p, _ = _softmax(s)
-        do = dout.to(cdt).permute(1, 0, 2).reshape(hkv, -1, dout.shape[-1])
-        dv = torch.matmul(p.transpose(1, 2), do)
-        dp = torch.matmul(do, v.transpose(1, 2))
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-        dq.copy_((torch.matmul(ds, k) * scale).reshape(h, total_q, d).transpose(0, 1))
-        dk = torch.matmul(ds.transpose(1, 2), qg) * scale
-        for i, off in enumerate(offsets):
-            n = ks[i].shape[0]
-            dk_acc[i] += dk[:, off:off + n].transpose(0, 1)
-            dv_acc[i] += dv[:, off:off + n].transpose(0, 1)
-        return dq, [x.to(k_.dtype) for x, k_ in zip(dk_acc, ks)], [x.to(v_.dtype) for x, v_ in zip(dv_acc, vs)]
-    for r, (qs, qe) in enumerate(qr):
-        if qe <= qs:
-            continue
-        g = _range_keys(qs, qe, ents[ptr[r]:ptr[r + 1]], ks, vs, cdt)
-        if g is None:
-            continue
-        k, v, pieces, col_pos, col_diag = g
-        hkv = k.shape[0]
-        dk_r = torch.zeros_like(k)
-        dv_r = torch.zeros_like(v)
-        starts, step = _chunks(qe - qs, h, k.shape[1])
-        for c0 in starts:
-            a, b = qs + c0, min(qe, qs + c0 + step)
+    for ranges, pieces in _blocks(qr, ptr, ents):
+        dense = _block_dense(q, ks, vs, qr, ptr, ents, ranges, pieces, cdt)
+        if dense is not None:
+            qb, kb, vb, vis, rows, cols = dense
+            hkv, lq = kb.shape[0], qb.shape[0]
             # Recompute the softmax in the compute dtype (more accurate than the fp32 lse for fp64 inputs).
-            s, qg = _scores(q[a:b].to(cdt), k, a, col_pos, col_diag, scale, hkv)
+            s, qg = _scores(qb, kb, 0, None, None, scale, hkv, vis)
             p, _ = _softmax(s)
-            do = dout[a:b].to(cdt).permute(1, 0, 2).reshape(hkv, -1, dout.shape[-1])
-            dv_r += torch.matmul(p.transpose(1, 2), do)
-            dp = torch.matmul(do, v.transpose(1, 2))
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-            dq[a:b] = (torch.matmul(ds, k) * scale).reshape(h, b - a, d).transpose(0, 1).to(q.dtype)
-            dk_r += torch.matmul(ds.transpose(1, 2), qg) * scale
-        for src, k0, k1, off, _, _ in pieces:
-            dk_acc[src][k0:k1] += dk_r[:, off:off + k1 - k0].transpose(0, 1)
-            dv_acc[src][k0:k1] += dv_r[:, off:off + k1 - k0].transpose(0, 1)
+            dob = torch.cat([dout[qr[r][0]:qr[r][1]] for r in ranges]).to(cdt)
+            dqb, dkb, dvb = _grads(qg, kb, vb, p, dob.permute(1, 0, 2).reshape(hkv, -1, dout.shape[-1]), scale)
+            dqb = dqb.reshape(h, lq, d).transpose(0, 1)
+            for r in ranges:
+                (qs, qe), r0 = qr[r], rows[r]
+                dq[qs:qe] = dqb[r0:r0 + qe - qs].to(q.dtype)
+            for src, k0, k1, c in cols:
+                dk_acc[src][k0:k1] += dkb[:, c:c + k1 - k0].transpose(0, 1)
+                dv_acc[src][k0:k1] += dvb[:, c:c + k1 - k0].transpose(0, 1)
+            continue
+        for r in ranges:
+            qs, qe = qr[r]
+            g = _range_keys(qs, qe, ents[ptr[r]:ptr[r + 1]], ks, vs, cdt)
+            if g is None:
+                continue
+            k, v, pieces_r, col_pos, col_diag = g
+            hkv = k.shape[0]
+            dk_r = torch.zeros_like(k)
+            dv_r = torch.zeros_like(v)
+            starts, step = _chunks(qe - qs, h, k.shape[1])
+            for c0 in starts:
+                a, b = qs + c0, min(qe, qs + c0 + step)
+                s, qg = _scores(q[a:b].to(cdt), k, a, col_pos, col_diag, scale, hkv)
+                p, _ = _softmax(s)
+                do = dout[a:b].to(cdt).permute(1, 0, 2).reshape(hkv, -1, dout.shape[-1])
+                dq_c, dk_c, dv_c = _grads(qg, k, v, p, do, scale)
+                dq[a:b] = dq_c.reshape(h, b - a, d).transpose(0, 1).to(q.dtype)
+                dk_r += dk_c
+                dv_r += dv_c
+            for src, k0, k1, off, _, _ in pieces_r:
+                dk_acc[src][k0:k1] += dk_r[:, off:off + k1 - k0].transpose(0, 1)
+                dv_acc[src][k0:k1] += dv_r[:, off:off + k1 - k0].transpose(0, 1)
     return dq, [x.to(k.dtype) for x, k in zip(dk_acc, ks)], [x.to(v.dtype) for x, v in zip(dv_acc, vs)]
 
 
