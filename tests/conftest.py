@@ -34,6 +34,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interp)
 
 
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The tiny tokenizer, built into a per-module cache so the build itself is exercised."""
+    from unigendet.tokenizer import load_tokenizer
+
+    old = os.environ.get("UNIGENDET_CACHE")
+    os.environ["UNIGENDET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield load_tokenizer("tiny")
+    finally:
+        if old is None:
+            os.environ.pop("UNIGENDET_CACHE", None)
+        else:
+            os.environ["UNIGENDET_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

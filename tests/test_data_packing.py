@@ -1,7 +1,6 @@
 """Packing: split rules, RoPE ids, CE/detection indexes, expert-contiguous order, layout, budgets and mix."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -21,21 +20,6 @@ from unigendet.data.packing import (
 )
 from unigendet.data.readers import DetectionRecord, GenerationRecord
 from unigendet.data.transforms import patchify
-from unigendet.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    old = os.environ.get("UNIGENDET_CACHE")
-    os.environ["UNIGENDET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield load_tokenizer("tiny")
-    finally:
-        if old is None:
-            os.environ.pop("UNIGENDET_CACHE")
-        else:
-            os.environ["UNIGENDET_CACHE"] = old
-
 
 CFG = PackingConfig.tiny(diga=True)
 

@@ -1,6 +1,5 @@
 """The model on batches from the real data packer (tiny tokenizer, tiny packing sizes)."""
 
-import os
 
 import numpy as np
 import pytest
@@ -10,20 +9,6 @@ from unigendet.data.packing import PackingConfig, build_diga_batch, build_packed
 from unigendet.data.readers import DetectionRecord, GenerationRecord
 from unigendet.models import UniGenDet, diga_losses, gduf_losses, get_config, smsa_layout
 from unigendet.models.reference import reference_decoder
-from unigendet.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    old = os.environ.get("UNIGENDET_CACHE")
-    os.environ["UNIGENDET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield load_tokenizer("tiny")
-    finally:
-        if old is None:
-            os.environ.pop("UNIGENDET_CACHE")
-        else:
-            os.environ["UNIGENDET_CACHE"] = old
 
 
 def _pack(tok, cfg):

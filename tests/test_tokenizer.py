@@ -7,19 +7,6 @@ import pytest
 from unigendet.tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer, load_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    old = os.environ.get("UNIGENDET_CACHE")
-    os.environ["UNIGENDET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield load_tokenizer("tiny")
-    finally:
-        if old is None:
-            os.environ.pop("UNIGENDET_CACHE", None)
-        else:
-            os.environ["UNIGENDET_CACHE"] = old
-
-
 def test_deterministic_build():
     a = build_tiny_tokenizer().to_str()
     b = build_tiny_tokenizer().to_str()
