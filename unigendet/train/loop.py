@@ -116,8 +116,6 @@ class Trainer:
         self.global_step = 0
         self.completed: list[str] = []
         self.history: dict[str, dict] = {}
-        self._wrapped = None
-        self._wrapped_fsdp = False
 
     # ------------------------------------------------------------------ setup
     def _amp_dtype(self) -> torch.dtype | None:
@@ -273,12 +271,8 @@ class Trainer:
             raise NotImplementedError(
                 "parallel='fsdp': checkpoints of FSDP2-sharded weights, optimizer state and the DIGA teacher copy "
                 "are not gathered yet, so a run would fail at its first save; use --parallel=ddp")
-        # DDP must see the stage's trainable set, so it is re-wrapped per stage; FSDP2 shards once.
-        if self._wrapped is None or not self._wrapped_fsdp:
-            self._wrapped = wrap_model(self.model, self.dist, cfg.parallel,
-                                       blocks=list(self.model.language_model.model.layers))
-            self._wrapped_fsdp = self._wrapped is self.model and self.dist.distributed
-        model = self._wrapped
+        # DDP must see the stage's trainable set, so the model is wrapped per stage.
+        model = wrap_model(self.model, self.dist, cfg.parallel, blocks=list(self.model.language_model.model.layers))
         opt = self._optimizer(params)
         sched = self._scheduler(opt)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
