@@ -383,3 +383,19 @@ def test_coevolution_round_two_trains_the_detector_on_self_generated_fakes(tmp_p
         n.endswith(".png") for n in os.listdir(tmp_path / "round2" / "fakes"))
     meta = CheckpointManager.load(CheckpointManager(str(tmp_path)).latest(), restore_rng=False)["trainer_state"]
     assert meta["round"] == 2 and [r["image"] for r in meta["extra_fakes"]] == [r.image for r in t.extra_fakes]
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    from unigendet.train.config import OptimConfig
+    from unigendet.train.loop import lr_multiplier
+
+    const = lr_multiplier(OptimConfig(warmup_steps=4, schedule="constant"), 20)
+    assert [const(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert const(19) == 1.0
+    cos = lr_multiplier(OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), 20)
+    assert [cos(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    vals = [cos(s) for s in range(4, 21)]
+    assert vals[0] == 1.0 and all(a > b for a, b in zip(vals, vals[1:]))
+    assert abs(cos(12) - 0.55) < 1e-12 and abs(cos(20) - 0.1) < 1e-12 and cos(100) == cos(20)
+    with pytest.raises(ValueError, match="optim.schedule"):
+        load_config("tiny", ["--optim.schedule=linear"])

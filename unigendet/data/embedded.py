@@ -1,9 +1,10 @@
 """A small, fully offline detection + generation data set built from photographs that ship inside wheels.
 
-Real images are random crops of the photos bundled with scikit-image, scikit-learn and matplotlib. Fake images are
-crops of the same kind passed through processes that leave the traces image generators leave (a transposed-conv
-upsampler's checkerboard, a lossy latent autoencoder's block seams, noise-then-denoise re-synthesis, colour
-quantisation banding, low-resolution resampling). Every record carries an explanation naming what is visible. The
+Real images are random crops of the photos bundled with scikit-image, scikit-learn and matplotlib, half of them
+slightly out of focus. Fake images are crops of the same kind passed through processes that leave the traces image
+generators leave (a transposed-conv upsampler's checkerboard, a lossy latent autoencoder's block seams,
+noise-then-denoise re-synthesis, colour quantisation banding, low-resolution resampling), then through a decoder
+stage that leaves a faint periodic grid. Every record carries an explanation naming what is visible. The
 set is written in the FakeClue layout (``fakeclue/data_json/{train,test}.json`` + ``fakeclue/{train,test}/...``)
 and the LAION layout (``laion/final_metadata.json`` + ``laion/images/``), so the ordinary readers load it, with a
 data-set card (``README.md``) and a ``manifest.json`` of pixel hashes. Train and test use disjoint source photos.
@@ -26,7 +27,7 @@ from PIL import Image
 
 __all__ = ["EmbeddedDataset", "FAKE_PROCESSES", "SOURCES", "build_embedded", "embedded_dataset", "text_corpus"]
 
-_VERSION = 2
+_VERSION = 3
 QUESTION = "<image>Does the image looks real/fake?"
 
 
@@ -168,13 +169,13 @@ def _load_source(src: _Source) -> np.ndarray:
 
 
 def _crop(photo: np.ndarray, rng: np.random.Generator, out_wh: tuple[int, int]) -> np.ndarray:
-    """A random crop (45-90% of the short side, output aspect ratio), random flip, resized to ``out_wh``.
+    """A random crop (60-100% of the short side, output aspect ratio), random flip, resized to ``out_wh``.
 
     Large crops keep the downscale factor high, so real images keep the fine, sharp texture a camera records.
     """
     h, w = photo.shape[:2]
     ow, oh = out_wh
-    frac = rng.uniform(0.45, 0.9)
+    frac = rng.uniform(0.6, 1.0)
     ch = int(min(h, w) * frac)
     cw = min(w, max(8, int(round(ch * ow / oh))))
     y = int(rng.integers(0, h - ch + 1))
@@ -281,6 +282,30 @@ def _resampling(x, rng):
     return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
 
 
+def _decoder_gain(stride: int, kernel: np.ndarray) -> np.ndarray:
+    """Per-phase gain of a 1-D stride-``stride`` transposed convolution: the sum of the kernel taps landing on each
+    output phase, normalised to mean 1. Unless the kernel length is a multiple of the stride and its taps are equal,
+    the phases get unequal gains: the origin of the periodic grid that generator outputs carry."""
+    g = np.array([kernel[p::stride].sum() for p in range(stride)], dtype=np.float64)
+    return g / g.mean()
+
+
+# The last upsampling stage of the "generator" decoding every fake: stride 4, a fixed 6-tap kernel whose phases
+# overlap unevenly (gains 1.09, 0.96, 1.04, 0.91).
+_DECODER_STRIDE = 4
+_DECODER_KERNEL = np.array([0.14, 0.155, 0.26, 0.2275, 0.1325, 0.085])
+
+
+def _decode(x: np.ndarray) -> np.ndarray:
+    """The decoder's fingerprint: a multiplicative gain grid of period ``_DECODER_STRIDE`` anchored at the image
+    origin (a transposed convolution with uneven phase overlap, applied to the finished image)."""
+    g = _decoder_gain(_DECODER_STRIDE, _DECODER_KERNEL)
+    h, w = x.shape[:2]
+    gy = g[np.arange(h) % _DECODER_STRIDE]
+    gx = g[np.arange(w) % _DECODER_STRIDE]
+    return x * (gy[:, None] * gx[None, :])[..., None]
+
+
 _PROCESS_FNS = {
     "upsampling": _upsampling,
     "autoencoder": _autoencoder,
@@ -298,6 +323,7 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
 # Build
 # --------------------------------------------------------------------------------------------------
 
+_DEFOCUS_P = 0.5  # share of real crops given a mild lens blur
 _SIZES = ((64, 64), (64, 64), (64, 64), (80, 64), (64, 80))  # (width, height); a few non-square images
 
 
@@ -321,12 +347,15 @@ def _det_records(split, n, seed, photos, sources, out_root, hashes, sizes):
         # Alternate real and fake; cycle fakes through the processes.
         if i % 2 == 0:
             label, cate, arr = 1, "photo", crop
+            if rng.random() < _DEFOCUS_P:
+                # Real photos are not all in sharp focus: sharpness alone must not give the label away.
+                arr = _to_u8(_conv2d_same(crop.astype(np.float64) / 255.0, _gauss(float(rng.uniform(0.6, 1.4)), 3)))
             tmpl = REAL_TEMPLATES[int(rng.integers(len(REAL_TEMPLATES)))]
             answer = "This is a real image. " + tmpl.format(subject=src.subject)
         else:
             cate = procs[(i // 2) % len(procs)]
             label = 0
-            arr = _to_u8(_PROCESS_FNS[cate](crop.astype(np.float64) / 255.0, rng))
+            arr = _to_u8(_decode(_PROCESS_FNS[cate](crop.astype(np.float64) / 255.0, rng)))
             tmpls = FAKE_PROCESSES[cate]
             answer = "This is a fake image. " + tmpls[int(rng.integers(len(tmpls)))].format(subject=src.subject)
         rel = f"{cate}/{'real' if label else 'fake'}/{src.name}_{i:05d}.png"
@@ -368,14 +397,18 @@ _CARD = """\
 A tiny, fully offline stand-in for FakeClue (detection with explanations) and the LAION subset (text-to-image),
 built deterministically by `unigendet.data.embedded.build_embedded` (seed {seed}).
 
-* **Real images**: random crops (45-90 % of the short side, random horizontal flip, bicubic resize to
+* **Real images**: random crops (60-100 % of the short side, random horizontal flip, bicubic resize to
   {sizes}) of the photographs bundled with scikit-image (`skimage/data`), scikit-learn (`load_sample_images`)
-  and matplotlib (`grace_hopper.jpg`). Grey photos are replicated to RGB.
+  and matplotlib (`grace_hopper.jpg`). Grey photos are replicated to RGB. Half of them get a mild lens blur
+  (Gaussian, sigma 0.6-1.4 px), so that softness alone does not mark an image as generated.
 * **Fake images**: crops of the same kind passed through one of five generator-like processes; `cate` names it:
   `upsampling` (stride-2 transposed convolution with uneven phase gain: checkerboards), `autoencoder` (8x8 block
   DCT low-pass of luma/chroma: block seams, colour bleeding), `diffusion` (noise then denoise: waxy surfaces,
   residual grain), `banding` (colour quantisation to 3-5 levels), `resampling` (nearest downscale by 3-4x then
-  bilinear upscale: staircase aliasing, blur). Real images have `cate` = `photo`.
+  bilinear upscale: staircase aliasing, blur). Every fake then goes through the generator's last decoder stage,
+  a stride-{stride} transposed convolution whose taps overlap the output phases unevenly: a multiplicative grid of
+  period {stride} px anchored at the top-left corner (phase gains {gains}), the kind of periodic fingerprint
+  spectral detectors find in generated images. Real images have `cate` = `photo`.
 * **Explanations**: "This is a fake image. ..." / "This is a real image. ..." naming what is visible (templated,
   three wordings per process). Labels: 0 = fake, 1 = real (FakeClue convention). Classes alternate, so each split
   is balanced, and every process is applied to crops of every source photograph.
@@ -437,6 +470,8 @@ def build_embedded(
                 n_train=n_train,
                 n_test=n_test,
                 n_gen=n_gen,
+                stride=_DECODER_STRIDE,
+                gains=", ".join(f"{g:.2f}" for g in _decoder_gain(_DECODER_STRIDE, _DECODER_KERNEL)),
             )
         )
     return manifest

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, config_to_dict
+from .config import OptimConfig, TrainConfig, config_to_dict
 from .distributed import DistInfo, init_distributed, wrap_model
 from .flops import project_schedule, train_flops_per_token
 from .logs import JsonlLogger, plot_losses, read_jsonl
@@ -251,9 +251,8 @@ class Trainer:
         kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kw)
 
-    def _scheduler(self, opt) -> torch.optim.lr_scheduler.LambdaLR:
-        warm = self.cfg.optim.warmup_steps
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    def _scheduler(self, opt, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(self.cfg.optim, total_steps))
 
     # ------------------------------------------------------------------ one stage
     def _stage_key(self, rnd: int, stage: str) -> str:
@@ -274,7 +273,7 @@ class Trainer:
         # DDP must see the stage's trainable set, so the model is wrapped per stage.
         model = wrap_model(self.model, self.dist, cfg.parallel, blocks=list(self.model.language_model.model.layers))
         opt = self._optimizer(params)
-        sched = self._scheduler(opt)
+        sched = self._scheduler(opt, scfg.steps)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
                if p.requires_grad} if cfg.ema > 0 else None
         step, start_pack = 0, 0
@@ -647,6 +646,23 @@ class Trainer:
         _save_grid(images, path)
         self.model.train()
         return path
+
+
+def lr_multiplier(o: OptimConfig, total_steps: int):
+    """The learning-rate factor at optimizer step ``s`` (0-based): a linear warm-up over ``o.warmup_steps``, then
+    constant (``o.schedule == "constant"``) or a cosine decay to ``o.min_lr_ratio`` at ``total_steps``."""
+    warm = o.warmup_steps
+    decay = max(1, total_steps - warm)
+
+    def factor(s: int) -> float:
+        if warm > 0 and s < warm:
+            return (s + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (s - warm) / decay)
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
 
 
 def _optimizer_state(folder: str) -> dict:
