@@ -87,8 +87,8 @@ class TrainConfig:
     rounds: int = 1
     seed: int = 0
     device: str = "auto"
-    #: "auto" (DDP when several processes run, none on one), "ddp", "none", or "fsdp" (FSDP2 sharding; refused for
-    #: now because checkpoints of sharded weights are not gathered yet)
+    #: "auto" (with several processes: FSDP2 on GPUs, DDP on CPUs; nothing with one), "fsdp" (FSDP2, also on CPUs
+    #: with gloo), "ddp" or "none"
     parallel: str = "auto"
     dtype: str = "auto"  # bf16 autocast on GPUs, fp32 on CPUs
     grad_checkpointing: bool = False

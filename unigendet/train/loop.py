@@ -15,7 +15,9 @@ One :class:`Trainer` runs ``rounds`` x (GDUF, DIGA) (or one stage, ``--stage``):
 
 Data parallelism: rank ``r`` of ``W`` takes global packs ``k = r, r + W, ...``; with ``grad_accum = A`` a step
 consumes ``A`` packs per rank, so a single process with ``grad_accum = W`` sees exactly the packs (and, for
-mean-normalised losses, the gradients) of ``W`` processes with ``grad_accum = 1``.
+mean-normalised losses, the gradients) of ``W`` processes with ``grad_accum = 1``. Under FSDP2 the model is
+sharded in place once; checkpoints, the DIGA teacher, co-evolution sampling and the end-of-run export gather its
+full weights (``unigendet.train.distributed``), so everything after training sees an ordinary model.
 
 Checkpoints (``unigendet.train.state``) hold weights, optimizer, scheduler, EMA, RNG and the data position, and
 ``--resume`` continues exactly. SIGTERM/SIGINT save a checkpoint and exit. A non-finite loss skips the step
@@ -42,7 +44,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import OptimConfig, TrainConfig, config_to_dict
-from .distributed import DistInfo, init_distributed, wrap_model
+from .distributed import (
+    DistInfo,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    full_tensors,
+    init_distributed,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_like,
+    wrap_model,
+)
 from .flops import project_schedule, train_flops_per_token
 from .logs import JsonlLogger, plot_losses, read_jsonl
 from .state import CheckpointManager, load_sharded, save_sharded
@@ -265,13 +278,13 @@ class Trainer:
         teacher = None
         if stage == "diga":
             teacher = self._diga_teacher(rnd, resume_state is not None)
-        params = self._set_trainable(stage)
-        if cfg.parallel == "fsdp" and self.dist.distributed:
-            raise NotImplementedError(
-                "parallel='fsdp': checkpoints of FSDP2-sharded weights, optimizer state and the DIGA teacher copy "
-                "are not gathered yet, so a run would fail at its first save; use --parallel=ddp")
-        # DDP must see the stage's trainable set, so the model is wrapped per stage.
-        model = wrap_model(self.model, self.dist, cfg.parallel, blocks=list(self.model.language_model.model.layers))
+        self._set_trainable(stage)
+        self.model.zero_grad(set_to_none=True)  # no stale gradients on parameters this stage freezes
+        # DDP must see the stage's trainable set, so it wraps per stage; FSDP2 shards once, in place (replacing the
+        # parameters, hence the lookup after wrapping), and follows requires_grad changes by itself.
+        model = wrap_model(self.model, self.dist, cfg.parallel, blocks=list(self.model.language_model.model.layers),
+                           ignored=[self.model.vae])
+        params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self._optimizer(params)
         sched = self._scheduler(opt, scfg.steps)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
@@ -281,11 +294,11 @@ class Trainer:
             step = resume_state["stage_step"]
             positions = resume_state["next_pack"]
             start_pack = positions[self.dist.rank] - self.dist.rank if self.dist.rank < len(positions) else 0
-            opt.load_state_dict(resume_state["_optimizer_state"])
+            load_full_optimizer_state(self.model, opt, resume_state["_optimizer_state"])
             sched.load_state_dict(resume_state["scheduler"])
             if ema is not None and resume_state.get("_ema") is not None:
                 for n in ema:
-                    ema[n].copy_(resume_state["_ema"][n])
+                    ema[n].copy_(shard_like(resume_state["_ema"][n], ema[n]))
         self._next_pack = start_pack + self.dist.rank
         dataset = self._make_dataset(rnd, stage)
         packs = self._iter_packs(dataset, start_pack)
@@ -407,37 +420,74 @@ class Trainer:
 
     def _save_stage_snapshot(self, rnd: int) -> None:
         """The end-of-GDUF weights: the DIGA teacher is rebuilt from them after a resume."""
+        state = self._model_state()  # collective when sharded
         if self.dist.is_main:
             folder = self._snapshot_dir(rnd)
             tmp = folder + ".tmp"
             os.makedirs(tmp, exist_ok=True)
-            save_sharded(self._model_state(), tmp, "model")
+            save_sharded(state, tmp, "model")
             if os.path.exists(folder):
                 import shutil
 
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
+        barrier(self.dist)
 
     def _diga_teacher(self, rnd: int, resuming: bool):
+        """The frozen authenticity teacher: the end-of-GDUF model of this round (rebuilt from its snapshot after a
+        resume), or the starting model when DIGA runs alone."""
+        folder = None
         if resuming or self._stage_key(rnd, "gduf") not in self.completed:
             folder = self._snapshot_dir(rnd)
             if not os.path.isdir(folder):
-                if self.cfg.stage == "diga":
-                    # DIGA alone: the starting model is the teacher.
-                    teacher = self.model.make_diga_teacher()
-                    return teacher
-                raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
-            # state_dict() tensors share storage with the parameters: copy them before loading over them.
-            current = {k: v.clone() for k, v in self._model_state().items()}
-            self.model.load_state_dict(load_sharded(folder), strict=False)
-            teacher = self.model.make_diga_teacher()
-            self.model.load_state_dict(current, strict=False)
-            return teacher
-        return self.model.make_diga_teacher()
+                if self.cfg.stage != "diga":
+                    raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
+                folder = None  # DIGA alone: the starting model is the teacher.
+        if is_sharded(self.model):
+            # Every rank holds a whole teacher (it only runs forward), built from the gathered weights.
+            state = full_model_state(self.model, all_ranks=True)
+            if folder is not None:
+                state.update(load_sharded(folder))
+            return self._plain_copy(state, teacher=True)
+        if folder is None:
+            return self.model.make_diga_teacher()
+        # state_dict() tensors share storage with the parameters: copy them before loading over them.
+        current = {k: v.clone() for k, v in self._model_state().items()}
+        self.model.load_state_dict(load_sharded(folder), strict=False)
+        teacher = self.model.make_diga_teacher()
+        self.model.load_state_dict(current, strict=False)
+        return teacher
+
+    def _plain_copy(self, state: dict[str, torch.Tensor], *, teacher: bool = False):
+        """An unsharded copy of the model (or of its DIGA teacher part) holding ``state``, sharing the VAE.
+
+        Built on the meta device and materialised once, so only the copy's own weights are allocated.
+        """
+        from unigendet.models import UniGenDet
+
+        src = self.model
+        with torch.device("meta"):
+            copy = UniGenDet(src.config)
+        copy.vae = None
+        if teacher:
+            copy = copy.make_diga_teacher()
+        copy = copy.to_empty(device=self.device).to(dtype=src.dtype)
+        copy.reset_fixed_buffers()
+        missing, unexpected = copy.load_state_dict({k: v for k, v in state.items() if not k.startswith("vae.")},
+                                                   strict=False)
+        missing = [k for k in missing if "pos_embed" not in k]
+        if missing:
+            raise RuntimeError(f"gathered state lacks {missing[:5]} (of {len(missing)})")
+        copy.vae = src.vae
+        copy.requires_grad_(False)
+        if src.vae is not None:
+            src.vae.requires_grad_(False)
+        return copy.eval()
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("vae.")}
+        """The weights to save, without the frozen VAE (collective when sharded; full tensors on rank 0)."""
+        return {k: v for k, v in full_model_state(self.model).items() if not k.startswith("vae.")}
 
     def _gather_positions(self) -> list[int]:
         pos = torch.tensor([self._next_pack], dtype=torch.int64)
@@ -451,6 +501,11 @@ class Trainer:
 
     def _save(self, rnd, stage, step, opt, sched, ema) -> None:
         positions = self._gather_positions()
+        # Gathers are collective when the model is sharded: every rank takes part, rank 0 writes.
+        model_state = self._model_state()
+        opt_state = full_optimizer_state(self.model, opt)
+        if ema is not None and is_sharded(self.model):
+            ema = full_tensors(ema)
         if not self.dist.is_main:
             return
         state = {
@@ -460,7 +515,7 @@ class Trainer:
             "extra_fakes": [dataclasses.asdict(r) for r in self.extra_fakes],
             "config": config_to_dict(self.cfg),
         }
-        path = self.ckpt.save(step=self.global_step, model_state=self._model_state(), optimizer=opt,
+        path = self.ckpt.save(step=self.global_step, model_state=model_state, optimizer=opt_state,
                               trainer_state=state, ema_state=ema)
         self.logger.log("checkpoint", path=path, stage=stage, round=rnd, step=step)
 
@@ -500,8 +555,12 @@ class Trainer:
         prompts = [r.prompt for r in self.gen_records[:n]]
         folder = os.path.join(self.out_dir, f"round{rnd}", "fakes")
         os.makedirs(folder, exist_ok=True)
-        gen = ImageGenerator(self.model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
+        model = self.model
+        if is_sharded(model):  # sampling calls into the model outside forward(): use a whole copy
+            model = self._plain_copy(full_model_state(model, all_ranks=True))
+        gen = ImageGenerator(model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
         images = gen.generate(prompts, seed=self.cfg.seed + rnd, progress=self.progress)
+        del gen, model
         records = []
         for i, img in enumerate(images):
             path = os.path.join(folder, f"{i:05d}.png")
@@ -560,6 +619,11 @@ class Trainer:
                 signal.signal(s, h)
         summary = {"train_seconds": time.perf_counter() - t0, "stages": self.history,
                    "nonfinite_steps": self.nonfinite, "global_step": self.global_step}
+        if is_sharded(self.model):
+            # The end-of-run export, evaluation and samples run on rank 0 with a whole copy of the model.
+            state = full_model_state(self.model)
+            if self.dist.is_main:
+                self.model = self._plain_copy(state)
         if self.dist.is_main:
             summary.update(self.finish())
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:

@@ -114,9 +114,13 @@ class CheckpointManager:
     def _name(self, step: int, tag: str = "") -> str:
         return f"step_{step:07d}" + (f"_{tag}" if tag else "")
 
-    def save(self, *, step: int, model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
-             trainer_state: dict, ema_state: dict[str, torch.Tensor] | None = None, tag: str = "") -> str:
-        """Write one checkpoint atomically and prune old ones; returns its folder."""
+    def save(self, *, step: int, model_state: dict[str, torch.Tensor],
+             optimizer: torch.optim.Optimizer | dict | None, trainer_state: dict,
+             ema_state: dict[str, torch.Tensor] | None = None, tag: str = "") -> str:
+        """Write one checkpoint atomically and prune old ones; returns its folder.
+
+        ``optimizer`` is an optimizer or its ``state_dict()`` (e.g. one gathered from a sharded model).
+        """
         os.makedirs(self.root, exist_ok=True)
         final = os.path.join(self.root, self._name(step, tag))
         tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=self.root)
@@ -126,7 +130,8 @@ class CheckpointManager:
                 save_file(_host_tensors(ema_state, None), os.path.join(tmp, "ema.safetensors"))
             meta = dict(trainer_state)
             if optimizer is not None:
-                tensors, opt_meta = _optimizer_to_safetensors(optimizer.state_dict())
+                osd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+                tensors, opt_meta = _optimizer_to_safetensors(osd)
                 save_file(_host_tensors(tensors, None), os.path.join(tmp, "optimizer.safetensors"))
                 meta["optimizer"] = opt_meta
             rng_tensors, rng_scalars = get_rng_state()
