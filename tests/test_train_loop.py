@@ -350,7 +350,7 @@ def test_cli_help_and_bad_override(tmp_path):
     res = _run([sys.executable, "-m", "unigendet.train", "--help"], timeout=120)
     assert "usage: python -m unigendet.train" in res.stdout and "--key=value" in res.stdout
     for bad, msg in (("--lr=fast", "expects float"), ("--nope=1", "unknown option"),
-                     ("--stage=three", "invalid choice")):
+                     ("--stage=three", "invalid choice"), ("--resume=maybe", "expects a boolean")):
         res = subprocess.run([sys.executable, "-m", "unigendet.train", bad, f"--out-dir={tmp_path}"],
                              capture_output=True, text=True, timeout=120, env=_env())
         assert res.returncode == 2, (bad, res.stderr)

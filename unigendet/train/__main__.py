@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default="tiny", help="preset name or JSON/YAML file (default: tiny)")
     p.add_argument("--stage", choices=["gduf", "diga", "all"], default=None)
     p.add_argument("--rounds", type=int, default=None, help="co-evolution rounds of GDUF then DIGA")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--resume", nargs="?", const="true", default=None, metavar="BOOL",
+                   help="continue from the newest checkpoint in out_dir (--resume, --resume=true|false)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to train.jsonl)")
     args, rest = p.parse_known_args(argv)
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"--{name}={value}")
-    if args.resume:
-        overrides.append("--resume=true")
+    if args.resume is not None:
+        overrides.append(f"--resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as e:
