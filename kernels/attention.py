@@ -43,17 +43,19 @@ LN2 = 0.6931471805599453
 INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = 16
 
+# Candidates for the autotuner, chosen so that each kernel has spill-free configurations on sm_80 and sm_90 for the
+# common head dims (checked ahead of time, without a GPU, by .ci/triton-aot-check).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2)]
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 ]
 BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 3)]
+    for bm, bn, w, s in [(32, 32, 4, 3), (16, 32, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2)]
 ]
 BWD_DQ_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)]
+    for bm, bn, w, s in [(128, 32, 8, 2), (128, 64, 8, 3), (128, 16, 8, 2), (64, 16, 4, 2)]
 ]
 PREPROCESS_BLOCK_T = 64
 AUTOTUNE_KEY = ["HEAD_DIM", "NUM_SOURCES"]  # the autotuner also keys on the tensors' dtypes
@@ -126,7 +128,10 @@ def _packed_attention_fwd_inner(
             qk = tl.where(visible, qk, float("-inf"))
         # 3. Online softmax; a row that has seen no visible key yet keeps m = -inf, guarded here.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every key of a bulk tile is visible to every query: the running max is finite
+            m_safe = m_new
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -170,8 +175,12 @@ def _packed_attention_fwd_kernel(
     d_mask = offs_d < HEAD_DIM
     h64 = h.to(tl.int64)
     kvh64 = (h // GROUP).to(tl.int64)
-    q_ptrs = Q + h64 * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]
-    q = _load_rows(q_ptrs, m_mask, d_mask, True, PAD_D)
+    # Rows past the range read its last row instead of being masked (a row-masked load of the tile keeps
+    # registers busy for the whole kernel and makes ptxas spill); their results are never stored.
+    # Addresses: a scalar 64-bit tile base plus int32 offsets inside the tile (small: rows < BLOCK_M).
+    rel = tl.minimum(tl.arange(0, BLOCK_M), q_end - 1 - m_start)[:, None]
+    q_base = Q + (h64 * stride_qh + m_start.to(tl.int64) * stride_qt)
+    q = _load_rows(q_base + (rel * stride_qt + offs_d[None, :]), m_mask, d_mask, False, PAD_D)
     # Last query of the tile (for the causal upper bound on keys).
     q_last = tl.minimum(m_start + BLOCK_M, q_end) - 1
 
@@ -215,7 +224,8 @@ def _packed_attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = Out + h64 * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = Out + (h64 * stride_oh + m_start.to(tl.int64) * stride_ot) + (
+        tl.arange(0, BLOCK_M)[:, None] * stride_ot + offs_d[None, :])
     if PAD_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     else:
@@ -308,9 +318,13 @@ def _packed_attention_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     h64 = h.to(tl.int64)
     kvh64 = (h // GROUP).to(tl.int64)
-    m64 = offs_m.to(tl.int64)[:, None]
-    q = _load_rows(Q + h64 * stride_qh + m64 * stride_qt + offs_d[None, :], m_mask, d_mask, True, PAD_D)
-    do = _load_rows(DOut + h64 * stride_doh + m64 * stride_dot + offs_d[None, :], m_mask, d_mask, True, PAD_D)
+    # Rows past the range read its last row (no row mask, see the forward); they get lse = +inf below, so P = 0.
+    m0 = m_start.to(tl.int64)
+    rel = tl.minimum(tl.arange(0, BLOCK_M), q_end - 1 - m_start)[:, None]
+    q = _load_rows(Q + (h64 * stride_qh + m0 * stride_qt) + (rel * stride_qt + offs_d[None, :]),
+                   m_mask, d_mask, False, PAD_D)
+    do = _load_rows(DOut + (h64 * stride_doh + m0 * stride_dot) + (rel * stride_dot + offs_d[None, :]),
+                    m_mask, d_mask, False, PAD_D)
     # 2. Rows outside the range or without any visible key get lse = +inf so that P = 0 for them.
     lse = tl.load(Lse + h64 * stride_lh + offs_m, mask=m_mask, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -348,7 +362,8 @@ def _packed_attention_bwd_dq_kernel(
 
     # 4. Store dQ = scale * sum_k dS K.
     dq = dq * sm_scale
-    dq_ptrs = DQ + h64 * stride_dqh + m64 * stride_dqt + offs_d[None, :]
+    dq_ptrs = DQ + (h64 * stride_dqh + m0 * stride_dqt) + (tl.arange(0, BLOCK_M)[:, None] * stride_dqt
+                                                           + offs_d[None, :])
     if PAD_D:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     else:
@@ -374,9 +389,11 @@ def _packed_attention_bwd_dkdv_inner(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_mask = offs_m < q_end
-        m64 = offs_m.to(tl.int64)[:, None]
-        q = _load_rows(Q_h + m64 * stride_qt + offs_d[None, :], m_mask, d_mask, True, PAD_D)
-        do = _load_rows(DO_h + m64 * stride_dot + offs_d[None, :], m_mask, d_mask, True, PAD_D)
+        # Rows past q_end read row q_end - 1 (no row mask); lse = +inf for them makes P = 0.
+        m0 = tl.cast(start_m, tl.int64)
+        rel = tl.minimum(offs_m0, q_end - 1 - start_m)[:, None]
+        q = _load_rows(Q_h + m0 * stride_qt + (rel * stride_qt + offs_d[None, :]), m_mask, d_mask, False, PAD_D)
+        do = _load_rows(DO_h + m0 * stride_dot + (rel * stride_dot + offs_d[None, :]), m_mask, d_mask, False, PAD_D)
         lse = tl.load(Lse_h + offs_m, mask=m_mask, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(Delta_h + offs_m, mask=m_mask, other=0.0)
@@ -426,10 +443,14 @@ def _packed_attention_bwd_dkdv_kernel(
     n_mask = offs_n < seg_end
     d_mask = offs_d < HEAD_DIM
     kvh64 = kvh.to(tl.int64)
-    kv_off = kvh64 * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
-    # Keys past the segment end load as zeros; their (discarded) columns never mix with valid ones.
-    k = _load_rows(_select_source(src, K0, K1, K2, NUM_SOURCES) + kv_off, n_mask, d_mask, True, PAD_D)
-    v = _load_rows(_select_source(src, V0, V1, V2, NUM_SOURCES) + kv_off, n_mask, d_mask, True, PAD_D)
+    # Keys past the segment end read its last key (no row mask, see the forward); their rows of dK/dV are
+    # computed independently of the valid rows and never stored. Addresses: scalar 64-bit tile base + int32.
+    tile_base = kvh64 * stride_kh + n_start.to(tl.int64) * stride_kt
+    rel = tl.minimum(tl.arange(0, BLOCK_N), seg_end - 1 - n_start)[:, None]
+    k = _load_rows(_select_source(src, K0, K1, K2, NUM_SOURCES) + tile_base + (rel * stride_kt + offs_d[None, :]),
+                   n_mask, d_mask, False, PAD_D)
+    v = _load_rows(_select_source(src, V0, V1, V2, NUM_SOURCES) + tile_base + (rel * stride_kt + offs_d[None, :]),
+                   n_mask, d_mask, False, PAD_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Last key of the tile (for the causal lower bound on queries).
@@ -470,6 +491,7 @@ def _packed_attention_bwd_dkdv_kernel(
 
     # 4. Store dK = scale * sum_q dS^T Q and dV.
     dk = dk * sm_scale
+    kv_off = tile_base + (tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :])
     dk_ptrs = _select_source(src, DK0, DK1, DK2, NUM_SOURCES) + kv_off
     dv_ptrs = _select_source(src, DV0, DV1, DV2, NUM_SOURCES) + kv_off
     if PAD_D:
