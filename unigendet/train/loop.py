@@ -467,8 +467,7 @@ class Trainer:
 
         src = self.model
         with torch.device("meta"):
-            copy = UniGenDet(src.config)
-        copy.vae = None
+            copy = UniGenDet(src.config, build_vae_module=False)
         if teacher:
             copy = copy.make_diga_teacher()
         copy = copy.to_empty(device=self.device).to(dtype=src.dtype)
