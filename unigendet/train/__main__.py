@@ -38,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .distributed import shutdown_distributed
     from .loop import Trainer
 
     trainer = Trainer(cfg, progress=not args.no_progress)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except SystemExit:  # a signal: every rank stopped at the same step and saved; no waiting
+        shutdown_distributed(trainer.dist, wait=False)
+        raise
+    shutdown_distributed(trainer.dist)
     if not trainer.dist.is_main:  # under torchrun only rank 0 reports
         return 0
     det = summary.get("detection") or {}

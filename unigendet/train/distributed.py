@@ -34,6 +34,7 @@ __all__ = [
     "load_full_model_state",
     "load_full_optimizer_state",
     "shard_like",
+    "shutdown_distributed",
     "wrap_model",
 ]
 
@@ -73,6 +74,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def shutdown_distributed(info: DistInfo, *, wait: bool = True) -> None:
+    """End the process group: wait for every rank (``wait``), then destroy it.
+
+    Without this, a rank that finishes first (the others are still exporting or evaluating on rank 0) exits with
+    live communicator threads, which can abort the process and make the launcher kill the others.
+    """
+    if info.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
