@@ -177,6 +177,29 @@ def test_dali_pipeline_matches_pil(env):
         assert (y - ry).abs().mean() < 0.01 and (y - ry).abs().max() < 0.15
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _dali_ok(), reason="nvidia-dali not installed")
+def test_dali_mixed_decoding_matches_pil(env):
+    """GPU decoding (``mixed``) and GPU resize give the PIL/torch tensors within resize tolerance."""
+    from unigendet.data.dali import DaliImagePipeline
+
+    tok, det, gen, _ = env
+    recs = det[:6]
+    enc = [np.fromfile(r.image, dtype=np.uint8) for r in recs]
+    imgs = [load_rgb(r.image) for r in recs]
+    sa = [CFG.vit.size_for(*i.size) for i in imgs]
+    sb = [CFG.vae.size_for(*i.size) for i in imgs]
+    pipe = DaliImagePipeline(4, num_threads=1, device_id=0)
+    a, b = pipe(enc, sa, sb)
+    for x, y, im in zip(a, b, imgs, strict=True):
+        t = pil_to_tensor(im)
+        rx, ry = CFG.vit(t), CFG.vae(t)
+        assert x.shape == rx.shape and y.shape == ry.shape and x.dtype == torch.float32
+        # the GPU JPEG/PNG decoder and resampler differ a little from PIL's
+        assert (x.cpu() - rx).abs().mean() < 0.02 and (x.cpu() - rx).abs().max() < 0.25
+        assert (y.cpu() - ry).abs().mean() < 0.02 and (y.cpu() - ry).abs().max() < 0.25
+
+
 @pytest.mark.skipif(not _dali_ok(), reason="nvidia-dali not installed")
 def test_dali_loader_matches_torch_loader(env, tmp_path):
     import dataclasses
