@@ -1,8 +1,9 @@
 """Data pipeline benchmarks.
 
-* ``decode``: images/s of decode + both NaViT resizes + normalisation, DALI CPU pipeline vs a PyTorch DataLoader
-  (PIL decode, torch resize) with the same number of CPU threads/workers, on the embedded data set's small PNGs
-  (tiny sizes) and on the bundled full-size photos re-encoded as JPEG (BAGEL sizes).
+* ``decode``: images/s of decode + both NaViT resizes + normalisation, DALI CPU pipeline (and, on a GPU, DALI
+  ``mixed`` decoding) vs a PyTorch DataLoader (PIL decode, torch resize) with the same number of CPU
+  threads/workers, on the embedded data set's small PNGs (tiny sizes) and on the bundled full-size photos
+  re-encoded as JPEG (BAGEL sizes).
 * ``packing``: the share of real tokens in token-budgeted packs, against padding every sample of the same packs
   to the longest sample and against padding every pack to ``max_num_tokens`` (``extra_info``).
 
@@ -64,16 +65,21 @@ def _cfg(kind):
 
 @pytest.mark.benchmark(group="data-decode")
 @pytest.mark.parametrize("images", ["small", "big"])
-@pytest.mark.parametrize("provider", ["torch-dataloader", "dali-cpu"])
+@pytest.mark.parametrize("provider", ["torch-dataloader", "dali-cpu", "dali-mixed"])
 def test_decode_throughput(benchmark, data, provider, images):
     paths = data[images]
     cfg = _cfg(images)
-    if provider == "dali-cpu":
+    device = "cpu"
+    if provider.startswith("dali"):
         if not dali_available():
             pytest.skip("nvidia-dali not installed")
+        if provider == "dali-mixed" and not torch.cuda.is_available():
+            pytest.skip("dali-mixed decodes on a GPU: needs CUDA")
         from unigendet.data.dali import DaliImagePipeline
 
-        pipe = DaliImagePipeline(max_batch_size=len(paths), num_threads=THREADS)
+        device_id = 0 if provider == "dali-mixed" else None
+        device = "cuda" if device_id is not None else "cpu"
+        pipe = DaliImagePipeline(max_batch_size=len(paths), num_threads=THREADS, device_id=device_id)
         enc = [np.fromfile(p, dtype=np.uint8) for p in paths]
         sizes = []
         for p in paths:
@@ -92,7 +98,7 @@ def test_decode_throughput(benchmark, data, provider, images):
         def fn():
             return [x for x in loader]
 
-    run_pedantic(benchmark, fn, "cpu", rounds=3, warmup_rounds=1)
+    run_pedantic(benchmark, fn, device, rounds=3, warmup_rounds=1)
     benchmark.extra_info["images_per_s"] = len(paths) / float(benchmark.stats.stats.mean)
     benchmark.extra_info["threads"] = THREADS
     benchmark.extra_info["images"] = len(paths)
