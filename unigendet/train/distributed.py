@@ -7,9 +7,9 @@ multi-process paths are exercised on machines without GPUs. ``wrap_model(..., "f
 CPUs; the frozen VAE stays replicated).
 
 Checkpoints of a sharded model are gathered into the same full-tensor files a single process writes
-(:func:`full_model_state`, :func:`full_optimizer_state`, :func:`full_tensors`) and scattered back on resume
-(:func:`load_full_model_state`, :func:`load_full_optimizer_state`, :func:`shard_like`), so a checkpoint does not
-depend on how the run was parallelised.
+(:func:`full_model_state`, :func:`full_optimizer_state`, :func:`full_tensors`) and scattered back on resume (the
+weights load into the model before it is sharded; :func:`load_full_optimizer_state`, :func:`shard_like`), so a
+checkpoint does not depend on how the run was parallelised.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "full_tensors",
     "init_distributed",
     "is_sharded",
-    "load_full_model_state",
     "load_full_optimizer_state",
     "shard_like",
     "shutdown_distributed",
@@ -165,16 +164,6 @@ def full_model_state(model: nn.Module, *, all_ranks: bool = False) -> dict[str, 
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_options(all_ranks))
-
-
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (present on every rank) into a sharded or plain model; missing keys are kept."""
-    if not is_sharded(model):
-        model.load_state_dict(state, strict=False)
-        return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(model, state, options=_options(True, strict=False))
 
 
 def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:

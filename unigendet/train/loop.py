@@ -444,10 +444,9 @@ class Trainer:
                     raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
                 folder = None  # DIGA alone: the starting model is the teacher.
         if is_sharded(self.model):
-            # Every rank holds a whole teacher (it only runs forward), built from the gathered weights.
-            state = full_model_state(self.model, all_ranks=True)
-            if folder is not None:
-                state.update(load_sharded(folder))
+            # Every rank holds a whole teacher (it only runs forward), built from the snapshot or, without one, from
+            # the gathered current weights (collective: every rank takes the same branch).
+            state = load_sharded(folder) if folder is not None else full_model_state(self.model, all_ranks=True)
             return self._plain_copy(state, teacher=True)
         if folder is None:
             return self.model.make_diga_teacher()
@@ -477,10 +476,8 @@ class Trainer:
         missing = [k for k in missing if "pos_embed" not in k]
         if missing:
             raise RuntimeError(f"gathered state lacks {missing[:5]} (of {len(missing)})")
-        copy.vae = src.vae
         copy.requires_grad_(False)
-        if src.vae is not None:
-            src.vae.requires_grad_(False)
+        copy.vae = src.vae  # frozen since _build_model
         return copy.eval()
 
     # ------------------------------------------------------------------ checkpoints
