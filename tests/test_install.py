@@ -36,14 +36,20 @@ def test_import_touches_no_cuda_or_triton(tmp_path):
     assert r.stdout.split()[0] == "False"
 
 
+# Python source that makes ``import unigendet._C`` fail, as on a machine where it was never built.
+HIDE_EXTENSION = (
+    "import sys, importlib.abc\n"
+    "class Block(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name == 'unigendet._C': raise ImportError('hidden by test')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
+
+
 def test_import_without_extension(tmp_path):
     """With the compiled extension hidden and JIT disabled, the package imports and reports why."""
     code = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'unigendet._C': raise ImportError('hidden by test')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        HIDE_EXTENSION +
         "import unigendet, unigendet.ops\n"
         "from unigendet import _ext\n"
         "s = _ext.load(); print(s.loaded, s.how)\n"
@@ -137,11 +143,7 @@ def test_forced_cuda_backend_without_cuda_is_readable(tmp_path):
 def test_jit_build_when_not_built_ahead_of_time(tmp_path):
     """Without the ahead-of-time `_C`, the C++ kernels compile on first use into the cache and run."""
     code = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'unigendet._C': raise ImportError('hidden by test')\n"
-        "sys.meta_path.insert(0, Block())\n"
+        HIDE_EXTENSION +
         "import torch\n"
         "from unigendet import _ext\n"
         "s = _ext.load(); print(s.loaded, s.how)\n"
