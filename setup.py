@@ -129,10 +129,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # Triton device code lives in the top-level folder ``kernels/`` but is installed as
-    # ``unigendet.kernels``: a top-level package called ``kernels`` already exists on PyPI.
-    packages=find_packages(include=["unigendet", "unigendet.*"]) + ["unigendet.kernels"],
-    package_dir={"unigendet.kernels": "kernels"},
+    # Triton device code lives in ``unigendet/kernels/`` (never a top-level ``kernels`` package: one
+    # already exists on PyPI), so a source checkout imports it with nothing installed.
+    packages=find_packages(include=["unigendet", "unigendet.*"]),
     install_requires=[
         "torch>=2.6",
         "numpy",

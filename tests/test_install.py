@@ -27,6 +27,50 @@ def test_import_kernels_from_any_directory(tmp_path):
     assert r.stdout.split() == ["unigendet.kernels", unigendet.__version__]
 
 
+def test_source_checkout_runs_triton_kernels(tmp_path):
+    """A copy of the source tree on PYTHONPATH (nothing of it installed) imports and runs its own Triton kernels."""
+    pytest.importorskip("triton")
+    import shutil
+
+    src = tmp_path / "checkout"
+    shutil.copytree(os.path.dirname(unigendet.__file__), src / "unigendet",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (
+        "import torch, unigendet, unigendet.kernels.attention as ka\n"
+        "from unigendet import _backend\n"
+        "from unigendet.ops import varlen_attention\n"
+        "print(unigendet.__file__.startswith(%r), ka.__file__.startswith(%r))\n"
+        "q = torch.randn(5, 2, 32)\n"
+        "cu = torch.tensor([0, 2, 5], dtype=torch.int32)\n"
+        "a = varlen_attention(q, q, q, cu, cu, 3, 3, causal=True, backend='triton')\n"
+        "b = varlen_attention(q, q, q, cu, cu, 3, 3, causal=True, backend='torch')\n"
+        "print(bool((a - b).abs().max() < 1e-5))\n"
+    ) % (str(src), str(src))
+    r = _run(["-c", code], cwd=tmp_path, env={"PYTHONPATH": str(src), "TRITON_INTERPRET": "1",
+                                             "UNIGENDET_JIT_BUILD": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True", "True"]
+
+
+def test_triton_reported_unavailable_when_its_kernels_do_not_import(tmp_path):
+    """The backend table offers Triton only when the kernel module itself imports."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'unigendet.kernels.attention': raise ImportError('hidden by test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch\n"
+        "from unigendet import _backend\n"
+        "import unigendet.ops\n"
+        "info = _backend.CallInfo(torch.device('cpu'), torch.float32, head_dim=64)\n"
+        "print(_backend.get_dispatcher('varlen_attention').reasons(info)['triton'])\n"
+    )
+    r = _run(["-c", code], cwd=tmp_path, env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "unigendet.kernels.attention failed to import" in r.stdout
+
+
 def test_import_touches_no_cuda_or_triton(tmp_path):
     code = ("import sys, unigendet, unigendet.ops, unigendet.kernels; "
             "import torch; print(torch.cuda.is_initialized(), 'triton' in sys.modules and "

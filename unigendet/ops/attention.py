@@ -332,12 +332,14 @@ def packed_attention_reference(q: Tensor, ks: Sequence[Tensor], vs: Sequence[Ten
 
 @functools.cache
 def _triton_module_reason() -> str | None:
-    if importlib.util.find_spec("unigendet.ops.attention_triton") is None:
-        return "unigendet.ops.attention_triton is not available"
-    try:
-        from . import attention_triton  # noqa: F401
-    except Exception as e:  # report, don't raise: the torch backend still works
-        return f"unigendet.ops.attention_triton failed to import: {type(e).__name__}: {e}"
+    """Why the Triton launchers or their kernels cannot be imported (None: both import)."""
+    for mod in ("unigendet.ops.attention_triton", "unigendet.kernels.attention"):
+        try:
+            if importlib.util.find_spec(mod) is None:
+                return f"{mod} is not available"
+            importlib.import_module(mod)
+        except Exception as e:  # report, don't raise: the torch backend still works
+            return f"{mod} failed to import: {type(e).__name__}: {e}"
     return None
 
 
