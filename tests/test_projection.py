@@ -23,3 +23,38 @@ def test_projection_script(tmp_path):
     (label, proj), = rep["projection"].items()
     assert proj["total_hours"] == proj["gduf_hours"] + proj["diga_hours"] > 0
     assert "Assumptions" in (tmp_path / "projection.md").read_text()
+
+
+def test_vae_encoder_flops_analytic_equal_flop_counter():
+    """The analytic FLUX encoder count (used where diffusers is absent) equals torch's FLOP counter on diffusers."""
+    import pytest
+    import torch
+
+    pytest.importorskip("diffusers")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unigendet.models import get_config
+    from unigendet.models.vae import build_vae, flux_encoder_flops
+
+    cfg = get_config("bagel-7b-mot").vae
+    for h, w in ((64, 64), (128, 96)):
+        with torch.device("meta"):
+            vae = build_vae(cfg)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            vae.encode(torch.empty(1, 3, h, w, device="meta"))
+        assert flux_encoder_flops(cfg, h, w) == fc.get_total_flops()
+
+
+def test_projection_needs_no_diffusers(tmp_path):
+    hide = ("import sys, importlib.abc, runpy\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'diffusers': raise ImportError('hidden by test')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            f"sys.argv = ['projection.py', '--out', {str(tmp_path)!r}, '--tokens', '128', '--layers', '1', "
+            "'--rounds', '1']\n"
+            f"runpy.run_path({os.path.join(ROOT, 'benchmarks', 'projection.py')!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "projection.json").read_text())
+    assert 1e6 < rep["step_flops"]["vae_flops_per_pixel"] < 1e8

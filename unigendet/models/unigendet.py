@@ -186,7 +186,8 @@ class UniGenDet(nn.Module):
         out, off = [], 0
         for h, w in grids:
             lat = latent_unpatchify(tokens[off : off + h * w], h, w, cfg.latent_patch_size, cfg.latent_channels)
-            out.append(self.vae.decode(lat[None].to(self.device))[0])
+            # fp32 out whatever dtype the frozen VAE is stored in (it casts its input itself)
+            out.append(self.vae.decode(lat[None].to(self.device))[0].float())
             off += h * w
         return out
 

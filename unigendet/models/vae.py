@@ -21,6 +21,7 @@ __all__ = [
     "SpaceToDepthVAE",
     "build_vae",
     "flux_ae_to_diffusers",
+    "flux_encoder_flops",
     "diffusers_to_flux_ae",
 ]
 
@@ -83,6 +84,43 @@ class FluxVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents / self.config.scale_factor + self.config.shift_factor
         return self.model.decode(z.to(self.model.dtype)).sample
+
+
+def flux_encoder_flops(config: VAEConfig, height: int, width: int) -> float:
+    """FLOPs of one FLUX AE encoder pass over a ``height`` x ``width`` image, counted analytically (no diffusers).
+
+    The count is what ``torch.utils.flop_counter`` reports for diffusers' ``AutoencoderKL.encode`` (convolutions,
+    the mid-block attention's projections and its two matmuls; normalisations and activations count zero):
+    ``conv_in``; per level ``layers_per_block`` ResNet blocks (two 3x3 convolutions, a 1x1 shortcut when the
+    width changes) and a stride-2 3x3 downsampling convolution except at the last level; the mid block (ResNet,
+    single-head self-attention over the latent grid, ResNet); ``conv_out`` to ``2 * z_channels``.
+    """
+    if config.kind != "flux":
+        return 0.0
+
+    def conv(cin, cout, k, h, w):
+        return 2.0 * cin * cout * k * k * h * w
+
+    chans = config.block_out_channels
+    h, w = height, width
+    flops = conv(3, chans[0], 3, h, w)
+    cin = chans[0]
+    for level, cout in enumerate(chans):
+        for j in range(config.layers_per_block):
+            c0 = cin if j == 0 else cout
+            flops += conv(c0, cout, 3, h, w) + conv(cout, cout, 3, h, w)
+            if c0 != cout:
+                flops += conv(c0, cout, 1, h, w)
+        cin = cout
+        if level < len(chans) - 1:
+            h, w = h // 2, w // 2  # diffusers pads (0, 1, 0, 1), then a 3x3 convolution with stride 2
+            flops += conv(cout, cout, 3, h, w)
+    c, n = chans[-1], h * w
+    resnet = 2 * conv(c, c, 3, h, w)
+    attention = 4 * 2.0 * n * c * c + 2 * 2.0 * n * n * c  # q, k, v, out projections; QK^T and PV
+    flops += 2 * resnet + attention
+    flops += conv(c, 2 * config.z_channels, 3, h, w)
+    return flops
 
 
 def build_vae(config: VAEConfig) -> nn.Module:

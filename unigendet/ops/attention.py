@@ -544,6 +544,20 @@ def _check_qkv(name: str, t, *, q: Tensor | None = None) -> Tensor:
     return t
 
 
+def _autocast(*ts):
+    """Cast float inputs to the autocast dtype when autocast is on for their device (as SDPA does under autocast).
+
+    Under mixed precision with fp32 master weights, q/k may leave an fp32 norm while v leaves a bf16 matmul; the
+    kernels need one dtype. float64 is never cast (autocast leaves it alone too).
+    """
+    t0 = next((t for t in ts if isinstance(t, Tensor)), None)
+    if t0 is None or not torch.is_autocast_enabled(t0.device.type):
+        return ts
+    dt = torch.get_autocast_dtype(t0.device.type)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                 else t for t in ts)
+
+
 def _check_pair(kname: str, vname: str, k: Tensor, v: Tensor, q: Tensor) -> None:
     _check_qkv(kname, k, q=q)
     _check_qkv(vname, v, q=q)
@@ -652,6 +666,8 @@ def packed_attention(q: Tensor, k, v, layout: AttentionLayout, softmax_scale: fl
         raise ValueError(f"layout must be an AttentionLayout, got {type(layout).__name__}")
     ks = list(k) if isinstance(k, (list, tuple)) else [k]
     vs = list(v) if isinstance(v, (list, tuple)) else [v]
+    q, *kv = _autocast(q, *ks, *vs)
+    ks, vs = list(kv[:len(ks)]), list(kv[len(ks):])
     n = layout.num_sources
     if len(ks) != n or len(vs) != n:
         raise ValueError(f"k and v must hold one tensor per layout source ({n}), got {len(ks)} and {len(vs)}")
@@ -694,6 +710,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         out (total_q, H, D), or ``(out, lse, None)``.
     """
     _check_qkv("q", q)
+    q, k, v = _autocast(q, k, v)
     _check_pair("k", "v", k, v, q)
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p={dropout_p} is unsupported (only 0.0)")
@@ -744,6 +761,7 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
         present k/v.
     """
     _check_qkv("q", q)
+    q, k_gen, v_gen, k_det, v_det, k_txt, v_txt = _autocast(q, k_gen, v_gen, k_det, v_det, k_txt, v_txt)
     _check_cu("cu_seqlens_q", cu_seqlens_q, None, q)
     _check_int("max_seqlen_q", max_seqlen_q)
     _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")

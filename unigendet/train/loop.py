@@ -165,8 +165,10 @@ class Trainer:
             base = cfg.model_path or cfg.model
             mcfg = load_model_config(base)
             mcfg = dataclasses.replace(mcfg, **overrides)
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            loaded = load_pretrained(base, config=mcfg, dtype=dtype, device=self.device)
+            # fp32 master weights (the optimizer updates these; compute runs in amp_dtype under autocast or
+            # FSDP2's mixed precision); the frozen VAE is stored in the compute dtype.
+            loaded = load_pretrained(base, config=mcfg, dtype=torch.float32, device=self.device,
+                                     vae_dtype=self.amp_dtype or torch.float32)
             if self.dist.is_main:
                 log.info("loaded %s: %s", base, loaded.report)
             model, tokenizer = loaded.model, loaded.tokenizer
@@ -283,7 +285,7 @@ class Trainer:
         # DDP must see the stage's trainable set, so it wraps per stage; FSDP2 shards once, in place (replacing the
         # parameters, hence the lookup after wrapping), and follows requires_grad changes by itself.
         model = wrap_model(self.model, self.dist, cfg.parallel, blocks=list(self.model.language_model.model.layers),
-                           ignored=[self.model.vae])
+                           param_dtype=self.amp_dtype or torch.float32, ignored=[self.model.vae])
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self._optimizer(params)
         sched = self._scheduler(opt, scfg.steps)
@@ -449,13 +451,23 @@ class Trainer:
             state = load_sharded(folder) if folder is not None else full_model_state(self.model, all_ranks=True)
             return self._plain_copy(state, teacher=True)
         if folder is None:
-            return self.model.make_diga_teacher()
+            return self._compute_dtype(self.model.make_diga_teacher())
         # state_dict() tensors share storage with the parameters: copy them before loading over them.
         current = {k: v.clone() for k, v in self._model_state().items()}
         self.model.load_state_dict(load_sharded(folder), strict=False)
         teacher = self.model.make_diga_teacher()
         self.model.load_state_dict(current, strict=False)
-        return teacher
+        return self._compute_dtype(teacher)
+
+    def _compute_dtype(self, frozen):
+        """A frozen, forward-only copy (the DIGA teacher) needs no fp32 masters: store it in the compute dtype."""
+        if self.amp_dtype is None:
+            return frozen
+        vae = getattr(frozen, "vae", None)
+        frozen.vae = None  # shared with the trained model: never cast it here
+        frozen = frozen.to(dtype=self.amp_dtype)
+        frozen.vae = vae
+        return frozen
 
     def _plain_copy(self, state: dict[str, torch.Tensor], *, teacher: bool = False):
         """An unsharded copy of the model (or of its DIGA teacher part) holding ``state``, sharing the VAE.
@@ -469,7 +481,7 @@ class Trainer:
             copy = UniGenDet(src.config, build_vae_module=False)
         if teacher:
             copy = copy.make_diga_teacher()
-        copy = copy.to_empty(device=self.device).to(dtype=src.dtype)
+        copy = copy.to_empty(device=self.device).to(dtype=(self.amp_dtype or src.dtype) if teacher else src.dtype)
         copy.reset_fixed_buffers()
         missing, unexpected = copy.load_state_dict({k: v for k, v in state.items() if not k.startswith("vae.")},
                                                    strict=False)
