@@ -248,6 +248,20 @@ def test_same_tensor_for_k_and_v():
     assert max_err(g1[0], g2[0]) < 1e-13 and max_err(g1[1], g2[1]) < 1e-13
 
 
+def test_autocast_casts_mixed_inputs_like_sdpa():
+    """Under autocast, q/k leaving an fp32 norm and v leaving a bf16 matmul run in the autocast dtype."""
+    q, k, v = qkv(10, 10, grad=True)
+    layout = AttentionLayout.varlen(CU, CU, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_attention(q, k, v.to(torch.bfloat16), layout)
+        ref = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), CU, CU, 6, 6, causal=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
+    out64 = packed_attention(q.double(), k.double(), v.double(), layout)  # no autocast: float64 stays
+    assert out64.dtype == torch.float64
+
+
 def test_lse_is_not_differentiable_and_out_only_grad():
     q, k, v = qkv(10, 10, grad=True)
     out, lse, none = varlen_attention(q, k, v, CU, CU, 6, 6, return_attn_probs=True)
