@@ -99,12 +99,22 @@ const char* name_of() {
 }
 
 template <typename T>
+double max_finite_of() {
+  return dtype_of<T>() == diga::DType::kFloat16 ? 65504.0 : 3.4028234663852886e38;
+}
+
+// `magnitude` scales every input (1e20 exercises the rescaled path: the squares overflow fp32).
+template <typename T>
 void run_case(const char* label, const std::vector<Grid>& grids, int64_t dim, bool weighted, bool zero_rows,
-              uint32_t seed) {
+              uint32_t seed, float magnitude = 1.0f) {
   int64_t n_s = 0, n_t = 0;
   std::vector<int64_t> raw;
   for (const Grid& g : grids) raw.insert(raw.end(), {g.hs, g.ws, g.ht, g.wt});
   const std::vector<int64_t> table = diga::make_table(raw.data(), static_cast<int64_t>(grids.size()), &n_s, &n_t);
+  if (!diga::check_table(table.data(), static_cast<int64_t>(grids.size()), n_s, n_t).empty()) {
+    std::printf("check_table rejected a table from make_table\n");
+    ++g_failures;
+  }
 
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -112,11 +122,11 @@ void run_case(const char* label, const std::vector<Grid>& grids, int64_t dim, bo
   std::vector<T> s(n_s * dim), t(n_t * dim);
   std::vector<double> sd(s.size()), td(t.size());
   for (size_t k = 0; k < s.size(); ++k) {
-    s[k] = from_float<T>(normal(rng));
+    s[k] = from_float<T>(normal(rng) * magnitude);
     sd[k] = to_float(s[k]);  // the reference sees exactly the stored values
   }
   for (size_t k = 0; k < t.size(); ++k) {
-    t[k] = from_float<T>(normal(rng));
+    t[k] = from_float<T>(normal(rng) * magnitude);
     td[k] = to_float(t[k]);
   }
   if (zero_rows) {
@@ -128,65 +138,78 @@ void run_case(const char* label, const std::vector<Grid>& grids, int64_t dim, bo
       td[(n_t - 1) * dim + d] = 0.0;
     }
   }
-  const float grad_scale = 0.5f;
-  std::vector<float> w(n_s);
+  // The per-token incoming gradient: a reduction's scale times the weights.
+  std::vector<float> gl(n_s);
   std::vector<double> scale(n_s);
   for (int64_t i = 0; i < n_s; ++i) {
-    w[i] = weighted ? uniform(rng) : 1.f;
-    scale[i] = static_cast<double>(grad_scale) * w[i];
+    gl[i] = 0.5f * (weighted ? uniform(rng) : 1.f);
+    scale[i] = gl[i];
   }
 
-  diga::Params p;
-  p.student = s.data();
-  p.teacher = t.data();
-  p.table = table.data();
-  p.weight = weighted ? w.data() : nullptr;
-  p.grad_scale = grad_scale;
-  p.n_images = static_cast<int64_t>(grids.size());
-  p.n_tokens = n_s;
-  p.dim = dim;
-  p.student_stride = dim;
-  p.teacher_stride = dim;
-  std::vector<float> loss(n_s, -1.f), loss_nograd(n_s, -1.f);
+  diga::Rows rows;
+  rows.student = s.data();
+  rows.teacher = t.data();
+  rows.table = table.data();
+  rows.n_images = static_cast<int64_t>(grids.size());
+  rows.n_tokens = n_s;
+  rows.n_teacher = n_t;
+  rows.dim = dim;
+  rows.student_stride = dim;
+  rows.teacher_stride = dim;
+  std::vector<float> loss(n_s, -1.f), loss_nocoef(n_s, -1.f), coef(n_s * diga::kCoefCols);
+  diga::FwdParams f;
+  f.rows = rows;
+  f.loss = loss.data();
+  f.coef = coef.data();
+  diga::diga_loss_fwd_cpu(dtype_of<T>(), f);
+  f.loss = loss_nocoef.data();
+  f.coef = nullptr;
+  diga::diga_loss_fwd_cpu(dtype_of<T>(), f, 0, n_s);
   std::vector<T> grad(n_s * dim);
-  p.loss = loss.data();
-  p.grad = grad.data();
-  diga::diga_loss_cpu(dtype_of<T>(), p);
-  p.loss = loss_nograd.data();
-  p.grad = nullptr;
-  diga::diga_loss_cpu(dtype_of<T>(), p, 0, n_s);
+  diga::BwdParams b;
+  b.rows = rows;
+  b.coef = coef.data();
+  b.grad_loss = gl.data();
+  b.grad_loss_stride = 1;
+  b.grad = grad.data();
+  diga::diga_loss_bwd_cpu(dtype_of<T>(), b);
 
   std::vector<double> rl(n_s), rg(n_s * dim);
   reference(grids, sd, td, dim, scale, &rl, &rg);
 
-  // Loss: fp32 accumulation over dim terms; gradient: fp32 math plus one rounding to T.
+  // Loss: fp32 accumulation over dim terms; gradient: fp32 math plus one rounding to T, saturated to T's range.
   double max_l = 0, max_g = 0, gmax = 0;
-  bool same_without_grad = true;
+  bool same_without_coef = true;
   for (int64_t i = 0; i < n_s; ++i) {
     max_l = std::max(max_l, std::fabs(loss[i] - rl[i]));
-    same_without_grad = same_without_grad && loss[i] == loss_nograd[i];
+    same_without_coef = same_without_coef && loss[i] == loss_nocoef[i];
   }
   // Gradient errors are measured relative to the largest entry of their own row, so that the huge
   // gradient of a zero student row does not loosen the check of the others.
+  const double lim = max_finite_of<T>();
   double max_g_rel = 0;
+  bool finite = true;
   for (int64_t i = 0; i < n_s; ++i) {
     double row_err = 0, row_max = 0;
     for (int64_t d = 0; d < dim; ++d) {
-      const double r = rg[i * dim + d];
-      row_err = std::max(row_err, std::fabs(to_float(grad[i * dim + d]) - r));
+      const double r = std::max(-lim, std::min(lim, rg[i * dim + d]));
+      const double got = to_float(grad[i * dim + d]);
+      finite = finite && std::isfinite(got);
+      row_err = std::max(row_err, std::fabs(got - r));
       row_max = std::max(row_max, std::fabs(r));
     }
     max_g = std::max(max_g, row_err);
     gmax = std::max(gmax, row_max);
-    max_g_rel = std::max(max_g_rel, row_err / std::max(row_max, 1e-30));
+    max_g_rel = std::max(max_g_rel, row_err / std::max(row_max, 1e-300));
   }
   const double tol_l = 16 * std::ldexp(1.0, -24) * std::sqrt(static_cast<double>(dim)) + 1e-6;
   const double tol_g_rel = 2 * unit_roundoff<T>() + 1e-5;
   const double tol_g = tol_g_rel * gmax;
-  const bool ok = max_l <= tol_l && max_g_rel <= tol_g_rel && same_without_grad && std::isfinite(max_g);
-  std::printf("%-4s %-28s dim=%-4lld tokens=%-4lld loss err %.2e (tol %.1e) grad err %.2e (tol %.1e)%s %s\n",
+  const bool ok = max_l <= tol_l && max_g_rel <= tol_g_rel && same_without_coef && finite;
+  std::printf("%-4s %-28s dim=%-4lld tokens=%-4lld loss err %.2e (tol %.1e) grad err %.2e (tol %.1e)%s%s %s\n",
               name_of<T>(), label, static_cast<long long>(dim), static_cast<long long>(n_s), max_l, tol_l, max_g,
-              tol_g, same_without_grad ? "" : " [loss differs without grad]", ok ? "ok" : "FAILED");
+              tol_g, same_without_coef ? "" : " [loss differs without coef]", finite ? "" : " [non-finite grad]",
+              ok ? "ok" : "FAILED");
   if (!ok) ++g_failures;
 }
 
@@ -238,6 +261,10 @@ int main() {
   run_all<BFloat16>();
   run_case<float>("zero vectors", {{3, 3, 2, 2}}, 16, false, true, 8);
   run_case<BFloat16>("zero vectors", {{3, 3, 2, 2}}, 16, true, true, 9);
+  run_case<Half>("zero vectors (saturated grad)", {{3, 3, 2, 2}}, 16, true, true, 10);
+  run_case<float>("|x| ~ 1e20 (rescaled sums)", {{4, 4, 3, 3}}, 64, true, false, 11, 1e20f);
+  run_case<BFloat16>("|x| ~ 1e20 (rescaled sums)", {{4, 4, 3, 3}}, 64, false, false, 12, 1e20f);
+  run_case<float>("|x| ~ 1e-20", {{4, 4, 3, 3}}, 64, false, false, 13, 1e-20f);
   bool threw = false;
   try {
     const int64_t bad[4] = {2, 0, 2, 2};
@@ -249,6 +276,32 @@ int main() {
   if (!threw) {
     std::printf("make_table accepted a zero grid size\n");
     ++g_failures;
+  }
+  threw = false;
+  try {
+    const int64_t huge[4] = {int64_t(1) << 40, int64_t(1) << 40, 1, 1};
+    int64_t a, b;
+    diga::make_table(huge, 1, &a, &b);
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  if (!threw) {
+    std::printf("make_table accepted a grid whose size overflows int64\n");
+    ++g_failures;
+  }
+  {
+    const int64_t grid[4] = {2, 2, 2, 2};
+    int64_t a, b;
+    std::vector<int64_t> tab = diga::make_table(grid, 1, &a, &b);
+    if (diga::check_table(tab.data(), 1, 5, 4).empty() || diga::check_table(tab.data(), 1, 4, 3).empty()) {
+      std::printf("check_table accepted wrong token counts\n");
+      ++g_failures;
+    }
+    tab[diga::kTeacherOffset] = 1;
+    if (diga::check_table(tab.data(), 1, 4, 4).empty()) {
+      std::printf("check_table accepted a wrong offset\n");
+      ++g_failures;
+    }
   }
   if (g_failures != 0) {
     std::printf("%d failure(s)\n", g_failures);

@@ -1,9 +1,14 @@
-// Registration of unigendet::diga_loss_fwd and its CPU implementation (see kernels/diga_loss.h).
+// Registration of unigendet::diga_loss_fwd / diga_loss_bwd and their CPU implementations
+// (see kernels/diga_loss.h).
 //
-//   diga_loss_fwd(student (N, D), teacher (M, D), grids int64 (B, 4) = (h_s, w_s, h_t, w_t) on the CPU,
-//                 weight (N,)?, grad_scale, compute_grad)
-//     -> (loss (N,) float32 = 1 - cos per student token, unweighted,
-//         grad (N, D) in the student dtype = grad_scale * weight * d loss / d student, or (0, D))
+//   diga_loss_fwd(student (N, D), teacher (M, D), table int64 (B, 6) on the student's device, save_coef)
+//     -> (loss (N,) float32 = 1 - cos per student token,
+//         coef (N, 3) float32 = (inv_a, inv_t, c_a) for the backward, or (0, 3) without save_coef)
+//   diga_loss_bwd(grad_loss float32 () or (N,), student, teacher, table, coef)
+//     -> grad (N, D) in the student dtype = grad_loss * d loss / d student
+//
+// The table rows are (h_s, w_s, h_t, w_t, student offset, teacher offset) per image (unigendet.ops.diga_loss
+// builds them from the grid lists).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -15,17 +20,46 @@ namespace unigendet {
 namespace diga_torch {
 namespace {
 
+int64_t grain(int64_t dim) {
+  // Roughly 32k elements per task, so that small batches stay on one thread.
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, dim));
+}
+
 std::tuple<at::Tensor, at::Tensor> diga_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                     const at::Tensor& grids, const c10::optional<at::Tensor>& weight,
-                                                     double grad_scale, bool compute_grad) {
-  TORCH_CHECK_VALUE(student.device().is_cpu(), "diga_loss_fwd (CPU): student is on ", student.device());
-  Prepared r = prepare(student, teacher, grids, weight, grad_scale, compute_grad);
-  const diga::Params& p = r.params;
-  // Grain of roughly 32k elements per task, so that small batches stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, p.dim));
-  at::parallel_for(0, p.n_tokens, grain,
-                   [&](int64_t begin, int64_t end) { diga::diga_loss_cpu(r.dtype, p, begin, end); });
-  return {r.loss, r.grad};
+                                                     const at::Tensor& table, bool save_coef) {
+  const char* op = "diga_loss_fwd";
+  TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
+  Inputs r = prepare(op, student, teacher, table);
+  const int64_t n = r.rows.n_tokens;
+  at::Tensor loss = at::empty({n}, r.student.options().dtype(at::kFloat));
+  at::Tensor coef = at::empty({save_coef ? n : 0, diga::kCoefCols}, r.student.options().dtype(at::kFloat));
+  diga::FwdParams p;
+  p.rows = r.rows;
+  p.loss = loss.data_ptr<float>();
+  p.coef = save_coef ? coef.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, grain(r.rows.dim),
+                   [&](int64_t begin, int64_t end) { diga::diga_loss_fwd_cpu(r.dtype, p, begin, end); });
+  return {loss, coef};
+}
+
+at::Tensor diga_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& table, const at::Tensor& coef) {
+  const char* op = "diga_loss_bwd";
+  TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
+  Inputs r = prepare(op, student, teacher, table);
+  check_backward(op, r, coef, grad_loss);
+  const at::Tensor gl = grad_loss.contiguous();
+  at::Tensor grad = at::empty({r.rows.n_tokens, r.rows.dim}, r.student.options());
+  if (grad.numel() == 0) return grad;
+  diga::BwdParams p;
+  p.rows = r.rows;
+  p.coef = coef.data_ptr<float>();
+  p.grad_loss = gl.data_ptr<float>();
+  p.grad_loss_stride = gl.dim() == 0 ? 0 : 1;
+  p.grad = grad.data_ptr();
+  at::parallel_for(0, r.rows.n_tokens, grain(r.rows.dim),
+                   [&](int64_t begin, int64_t end) { diga::diga_loss_bwd_cpu(r.dtype, p, begin, end); });
+  return grad;
 }
 
 }  // namespace
@@ -33,9 +67,11 @@ std::tuple<at::Tensor, at::Tensor> diga_loss_fwd_cpu(const at::Tensor& student, 
 }  // namespace unigendet
 
 TORCH_LIBRARY_FRAGMENT(unigendet, m) {
-  m.def(
-      "diga_loss_fwd(Tensor student, Tensor teacher, Tensor grids, Tensor? weight, float grad_scale, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+  m.def("diga_loss_fwd(Tensor student, Tensor teacher, Tensor table, bool save_coef) -> (Tensor, Tensor)");
+  m.def("diga_loss_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor table, Tensor coef) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(unigendet, CPU, m) { m.impl("diga_loss_fwd", &unigendet::diga_torch::diga_loss_fwd_cpu); }
+TORCH_LIBRARY_IMPL(unigendet, CPU, m) {
+  m.impl("diga_loss_fwd", &unigendet::diga_torch::diga_loss_fwd_cpu);
+  m.impl("diga_loss_bwd", &unigendet::diga_torch::diga_loss_bwd_cpu);
+}

@@ -1,8 +1,11 @@
-// CUDA implementation of unigendet::diga_loss_fwd (the schema is defined in diga_loss.cpp).
+// CUDA implementations of unigendet::diga_loss_fwd / diga_loss_bwd (the schemas are defined in diga_loss.cpp).
 //
-// Only device-generic c10 headers are used here (DeviceGuard and the device guard interface for the
-// current stream), not c10/cuda or ATen/cuda: those need generated headers and cuBLAS/cuSPARSE headers
-// that CPU builds of torch or minimal CUDA toolkits lack, and nothing more is needed to launch.
+// Every input, the image table included, is already on the device: nothing is copied from the host and nothing
+// synchronises with it, so both ops can be captured in a CUDA graph.
+//
+// Only device-generic c10 headers are used here (DeviceGuard and the device guard interface for the current
+// stream), not c10/cuda or ATen/cuda: those need generated headers and cuBLAS/cuSPARSE headers that CPU builds of
+// torch or minimal CUDA toolkits lack, and nothing more is needed to launch.
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <cuda_runtime_api.h>
@@ -14,27 +17,55 @@ namespace unigendet {
 namespace diga_torch {
 namespace {
 
+cudaStream_t current_stream(const at::Tensor& t) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device());
+  return static_cast<cudaStream_t>(stream.native_handle());
+}
+
 std::tuple<at::Tensor, at::Tensor> diga_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                      const at::Tensor& grids,
-                                                      const c10::optional<at::Tensor>& weight, double grad_scale,
-                                                      bool compute_grad) {
-  TORCH_CHECK_VALUE(student.is_cuda(), "diga_loss_fwd (CUDA): student is on ", student.device());
+                                                      const at::Tensor& table, bool save_coef) {
+  const char* op = "diga_loss_fwd";
+  TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
   const c10::DeviceGuard guard(student.device());
-  Prepared r = prepare(student, teacher, grids, weight, grad_scale, compute_grad);
-  // The image table is tiny (6 int64 per image): copy it to the device in stream order.
-  const at::Tensor table_cpu =
-      at::from_blob(r.table.data(), {r.params.n_images, diga::kTableCols}, at::TensorOptions().dtype(at::kLong));
-  const at::Tensor table = table_cpu.to(r.student.device(), /*non_blocking=*/false, /*copy=*/true);
-  r.params.table = table.data_ptr<int64_t>();
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(r.student.device());
-  const cudaError_t err =
-      diga::diga_loss_cuda(r.dtype, r.params, static_cast<cudaStream_t>(stream.native_handle()));
-  TORCH_CHECK(err == cudaSuccess, "diga_loss_fwd (CUDA): kernel launch failed: ", cudaGetErrorString(err));
-  return {r.loss, r.grad};
+  Inputs r = prepare(op, student, teacher, table);
+  const int64_t n = r.rows.n_tokens;
+  at::Tensor loss = at::empty({n}, r.student.options().dtype(at::kFloat));
+  at::Tensor coef = at::empty({save_coef ? n : 0, diga::kCoefCols}, r.student.options().dtype(at::kFloat));
+  diga::FwdParams p;
+  p.rows = r.rows;
+  p.loss = loss.data_ptr<float>();
+  p.coef = save_coef ? coef.data_ptr<float>() : nullptr;
+  const cudaError_t err = diga::diga_loss_fwd_cuda(r.dtype, p, current_stream(r.student));
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+  return {loss, coef};
+}
+
+at::Tensor diga_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                              const at::Tensor& table, const at::Tensor& coef) {
+  const char* op = "diga_loss_bwd";
+  TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
+  const c10::DeviceGuard guard(student.device());
+  Inputs r = prepare(op, student, teacher, table);
+  check_backward(op, r, coef, grad_loss);
+  const at::Tensor gl = grad_loss.contiguous();
+  at::Tensor grad = at::empty({r.rows.n_tokens, r.rows.dim}, r.student.options());
+  if (grad.numel() == 0) return grad;
+  diga::BwdParams p;
+  p.rows = r.rows;
+  p.coef = coef.data_ptr<float>();
+  p.grad_loss = gl.data_ptr<float>();
+  p.grad_loss_stride = gl.dim() == 0 ? 0 : 1;
+  p.grad = grad.data_ptr();
+  const cudaError_t err = diga::diga_loss_bwd_cuda(r.dtype, p, current_stream(r.student));
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+  return grad;
 }
 
 }  // namespace
 }  // namespace diga_torch
 }  // namespace unigendet
 
-TORCH_LIBRARY_IMPL(unigendet, CUDA, m) { m.impl("diga_loss_fwd", &unigendet::diga_torch::diga_loss_fwd_cuda); }
+TORCH_LIBRARY_IMPL(unigendet, CUDA, m) {
+  m.impl("diga_loss_fwd", &unigendet::diga_torch::diga_loss_fwd_cuda);
+  m.impl("diga_loss_bwd", &unigendet::diga_torch::diga_loss_bwd_cuda);
+}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from unigendet._backend import BackendUnavailableError, extension_unavailable_reason
 from unigendet.ops import DIGALoss, diga_loss
-from unigendet.ops.diga_loss import diga_loss_reference
+from unigendet.ops.diga_loss import diga_loss_reference, diga_table
 
 OP = "unigendet::diga_loss_fwd"
 HAS_CPP = extension_unavailable_reason(OP, "CPU") is None
@@ -272,11 +272,66 @@ def test_module_rejects_bad_reduction():
 @needs_cpp
 def test_compiled_op_checks_its_arguments():
     s, t = make_inputs([(2, 3)], [(3, 3)], 8)
-    grids = torch.tensor([[2, 3, 3, 3]])
+    table = diga_table([(2, 3)], [(3, 3)], "cpu")
     with pytest.raises(ValueError, match="student grids hold"):
-        torch.ops.unigendet.diga_loss_fwd(s[:5], t, grids, None, 1.0, True)
-    with pytest.raises(ValueError, match="positive"):
-        torch.ops.unigendet.diga_loss_fwd(s, t, torch.tensor([[2, 3, 0, 3]]), None, 1.0, True)
+        torch.ops.unigendet.diga_loss_fwd(s[:5], t, table, True)
+    bad = table.clone()
+    bad[0, 2] = 0
+    with pytest.raises(ValueError, match="non-positive grid size"):
+        torch.ops.unigendet.diga_loss_fwd(s, t, bad, True)
+    bad = table.clone()
+    bad[0, 5] = 3  # teacher offset past the start: reads would run past the teacher
+    with pytest.raises(ValueError, match="offsets"):
+        torch.ops.unigendet.diga_loss_fwd(s, t, bad, True)
+    huge = torch.tensor([[2**40, 2**40, 3, 3, 0, 0]])
+    with pytest.raises(ValueError, match="overflow"):
+        torch.ops.unigendet.diga_loss_fwd(s, t, huge, True)
+    with pytest.raises(ValueError, match="table must be int64"):
+        torch.ops.unigendet.diga_loss_fwd(s, t, table.int(), True)
+    loss, coef = torch.ops.unigendet.diga_loss_fwd(s, t, table, True)
+    with pytest.raises(ValueError, match="grad_loss must be float32"):
+        torch.ops.unigendet.diga_loss_bwd(torch.ones(5), s, t, table, coef)
+    with pytest.raises(ValueError, match="coef must be"):
+        torch.ops.unigendet.diga_loss_bwd(torch.ones(6), s, t, table, coef[:, :2].contiguous())
+
+
+def test_grid_sizes_that_overflow_int64_are_refused():
+    s, t = make_inputs([(2, 3)], [(3, 3)], 8)
+    with pytest.raises(ValueError, match="student_grids hold"):
+        diga_loss(s, t, [(2, 3), (2**62, 2**62)], [(3, 3), (1, 1)], backend="torch")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_right_at_any_finite_magnitude(backend, dtype):
+    """|x| ~ 1e20: sums of squares overflow fp32; the loss and gradient still equal the fp64 result."""
+    s_grids, t_grids = [(4, 4)], [(3, 3)]
+    s, t = make_inputs(s_grids, t_grids, 64, torch.float32, seed=9)
+    for scale in (1e20, 1e-20, 3e37):
+        sx, tx = (s * scale).to(dtype), (t * scale).to(dtype)
+        ref, ref_g = run(sx.double(), tx.double(), s_grids, t_grids, reduction="none")
+        out, g = run(sx, tx, s_grids, t_grids, reduction="none", backend=backend)
+        assert torch.isfinite(out).all() and torch.isfinite(g).all(), scale
+        assert (out.double() - ref).abs().max().item() <= noise_floor(ref, dtype) + 1e-5, scale
+        # (at 3e37 the gradient, about 1 / |a|, is subnormal: its storage alone loses bits)
+        g_err = (g.double() - ref_g).abs().max().item()
+        tol = 2 * noise_floor(ref_g, dtype) + (2e-5 if dtype == torch.float32 else 2e-2) * ref_g.abs().max().item()
+        assert g_err <= tol, (scale, g_err, tol)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
+def test_float16_gradient_of_a_zero_row_saturates(backend):
+    s_grids, t_grids = [(3, 3)], [(2, 2)]
+    s, t = make_inputs(s_grids, t_grids, 16, torch.float16, seed=3)
+    s[4] = 0  # gradient -t / (eps |t|): about 1e8 / 9 per entry, beyond float16
+    out, g = run(s, t, s_grids, t_grids, reduction="mean", backend=backend)
+    assert torch.isfinite(g).all()
+    assert g[4].abs().max().item() == torch.finfo(torch.float16).max
+    ref_out, ref_g = run(s.double(), t.double(), s_grids, t_grids, reduction="mean")
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[4] = False
+    torch.testing.assert_close(g[keep].double(), ref_g[keep], rtol=2e-3, atol=1e-4)
+    assert abs(out.double() - ref_out).item() < 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,10 +348,13 @@ def test_opcheck(dtype):
     _maybe_register_fake()
     s_grids, t_grids = CASES["non_square_mixed"]
     s, t = make_inputs(s_grids, t_grids, 12, dtype)
-    grids = torch.tensor([[*a, *b] for a, b in zip(s_grids, t_grids)])
-    w = torch.rand(s.shape[0])
-    torch.library.opcheck(torch.ops.unigendet.diga_loss_fwd.default, (s, t, grids, w, 0.5, True))
-    torch.library.opcheck(torch.ops.unigendet.diga_loss_fwd.default, (s, t, grids, None, 1.0, False))
+    table = diga_table(s_grids, t_grids, "cpu")
+    torch.library.opcheck(torch.ops.unigendet.diga_loss_fwd.default, (s, t, table, True))
+    torch.library.opcheck(torch.ops.unigendet.diga_loss_fwd.default, (s, t, table, False))
+    coef = torch.ops.unigendet.diga_loss_fwd(s, t, table, True)[1]
+    gl = torch.rand(s.shape[0])
+    torch.library.opcheck(torch.ops.unigendet.diga_loss_bwd.default, (gl, s, t, table, coef))
+    torch.library.opcheck(torch.ops.unigendet.diga_loss_bwd.default, (torch.tensor(0.5), s, t, table, coef))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
@@ -371,3 +429,46 @@ def test_cuda_strided_and_compiled():
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: diga_loss(x, t, s_grids, t_grids, backend="cuda"), fullgraph=True)
     torch.testing.assert_close(compiled(s), diga_loss(s, t, s_grids, t_grids, backend="torch"))
+
+
+def test_table_is_built_once_per_grid_list():
+    a = diga_table([(2, 3), (4, 4)], [(3, 3), (5, 5)], "cpu")
+    b = diga_table([(2, 3), (4, 4)], [(3, 3), (5, 5)], "cpu")
+    assert a is b and a.tolist() == [[2, 3, 3, 3, 0, 0], [4, 4, 5, 5, 6, 9]]
+
+
+@pytest.mark.gpu
+def test_cuda_never_synchronises_and_is_graph_capturable():
+    """Forward and backward raise under CUDA's sync debug mode if anything waits for the device; a CUDA graph of
+    both replays to the eager result."""
+    _needs_cuda_kernel()
+    s_grids, t_grids = [(8, 8), (4, 6)], [(5, 5), (7, 3)]
+    s, t = make_inputs(s_grids, t_grids, 256, torch.bfloat16, device="cuda")
+    w = torch.rand(s.shape[0], device="cuda") + 0.1
+    x = s.clone().requires_grad_(True)
+    diga_loss(x, t, s_grids, t_grids, weight=w, backend="cuda").backward()  # warm-up: builds the table
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x.grad = None
+        out = diga_loss(x, t, s_grids, t_grids, weight=w, backend="cuda")
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager_out, eager_g = out.detach().clone(), x.grad.clone()
+    static_x = s.clone().requires_grad_(True)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up on the side stream, as CUDA graphs require
+            static_x.grad = None
+            diga_loss(static_x, t, s_grids, t_grids, weight=w, backend="cuda").backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    static_x.grad = None
+    with torch.cuda.graph(graph):
+        g_out = diga_loss(static_x, t, s_grids, t_grids, weight=w, backend="cuda")
+        g_out.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g_out.detach(), eager_out) and torch.equal(static_x.grad, eager_g)

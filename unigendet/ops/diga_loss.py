@@ -19,18 +19,24 @@ Semantics, shared by every backend:
   weights sum to zero); ``"sum"``: ``sum(weight * l)``; ``"none"``: the ``(N,)`` per-token values;
 * the teacher and the weights receive no gradient (both are treated as constants); the student
   gradient is exact (a zero student row gets the gradient ``-t / (eps * |t|)`` of the clamped norm,
-  exactly as autograd through ``F.cosine_similarity`` gives; it overflows float16);
+  exactly as autograd through ``F.cosine_similarity`` gives), saturated to the student dtype's finite
+  range (that gradient, about ``1 / eps``, would overflow float16);
+* right at any finite magnitude: sums of squares that overflow are recomputed on the rescaled rows;
 * a teacher of another floating dtype is converted to the student's dtype; the result has the
-  student's dtype; the compiled kernels accumulate in fp32 whatever the storage type.
+  student's dtype; every backend computes in fp32 (fp64 for fp64) whatever the storage type.
 
-Backends: ``cuda`` and ``cpp`` run one fused kernel per call that produces the per-token losses *and*
-the student gradient in the same pass (the backward only rescales the stored gradient); ``torch`` is
-the readable reference below (also the fallback, and the only float64 path).
+Backends: ``cuda`` and ``cpp`` run one fused kernel per pass: the forward reads each student row and the
+teacher rows it samples once and writes the per-token losses plus three coefficients per token; the
+backward reads the same rows once and writes the student gradient with the incoming gradient (and the
+reduction's weights) applied inside the kernel. The image table lives on the student's device, is built
+once per distinct grid list and cached, and neither pass synchronises with the host (both can be captured
+in a CUDA graph). ``torch`` is the readable reference below (also the fallback, and the only float64 path).
 """
 
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -40,10 +46,11 @@ from torch import nn
 from .. import _ext
 from .._backend import BackendSpec, CallInfo, extension_unavailable_reason, register_op
 
-__all__ = ["DIGALoss", "diga_loss", "diga_loss_reference"]
+__all__ = ["DIGALoss", "diga_loss", "diga_loss_reference", "diga_table"]
 
 EPS = 1e-8
 _OP = "unigendet::diga_loss_fwd"
+_OP_BWD = "unigendet::diga_loss_bwd"
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -152,6 +159,36 @@ def _reduce(per_token: torch.Tensor, weight: torch.Tensor | None, reduction: str
     return per_token.sum() / weight.sum() if weight is not None else per_token.mean()
 
 
+class _SaturatingCast(torch.autograd.Function):
+    """``x.to(dtype)`` whose backward clamps the gradient to the finite range of the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.in_dtype = x.dtype
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        lim = torch.finfo(ctx.in_dtype).max
+        return g.clamp(-lim, lim).to(ctx.in_dtype), None
+
+
+def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``F.cosine_similarity(s, t, dim=-1, eps=1e-8)`` that stays right at any finite magnitude.
+
+    Rows are divided by their largest magnitude first (a constant: no gradient flows through it), so no square
+    overflows; the clamps ``max(|x|, eps)`` become ``max(|x / m|, eps / m)``, the same function.
+    """
+    ms = s.detach().abs().amax(-1, keepdim=True)
+    mt = t.abs().amax(-1, keepdim=True)
+    ms = torch.where(ms > 0, ms, torch.ones_like(ms))
+    mt = torch.where(mt > 0, mt, torch.ones_like(mt))
+    s, t = s / ms, t / mt
+    na = torch.maximum(s.norm(dim=-1), EPS / ms.squeeze(-1))
+    nt = torch.maximum(t.norm(dim=-1), EPS / mt.squeeze(-1))
+    return (s * t).sum(-1) / (na * nt)
+
+
 def diga_loss_reference(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -163,10 +200,14 @@ def diga_loss_reference(
     """Readable PyTorch DIGA loss (the ``torch`` backend); arguments as :func:`diga_loss`, already validated.
 
     Per image: teacher tokens ``(h_t*w_t, D)`` -> ``(1, D, h_t, w_t)`` -> ``F.interpolate`` to
-    ``(h_s, w_s)`` (bilinear, align_corners=False) -> ``(h_s*w_s, D)``; then
-    ``1 - F.cosine_similarity(student_b, teacher_b, dim=-1, eps=1e-8)``.
+    ``(h_s, w_s)`` (bilinear, align_corners=False) -> ``(h_s*w_s, D)``; then ``1 - cos`` with the clamped norms
+    of ``F.cosine_similarity(..., eps=1e-8)``, computed in fp32 (fp64 for fp64 inputs) on rows rescaled by their
+    largest magnitude. The result has the student's dtype; the student gradient saturates to its finite range.
     """
-    teacher = teacher.detach().to(student.dtype)
+    out_dtype = student.dtype
+    cdt = torch.float64 if student.dtype == torch.float64 else torch.float32
+    teacher = teacher.detach().to(student.dtype).to(cdt)
+    student = _SaturatingCast.apply(student, cdt) if student.dtype != cdt else student
     dim = student.shape[1]
     losses = []
     s_off = t_off = 0
@@ -177,10 +218,11 @@ def diga_loss_reference(
             t = t.reshape(ht, wt, dim).permute(2, 0, 1).unsqueeze(0)
             t = F.interpolate(t, size=(hs, ws), mode="bilinear", align_corners=False)
             t = t.squeeze(0).permute(1, 2, 0).reshape(hs * ws, dim)
-        losses.append(1 - F.cosine_similarity(s, t, dim=-1, eps=EPS))
+        losses.append(1 - _cosine(s, t))
         s_off += hs * ws
         t_off += ht * wt
-    return _reduce(torch.cat(losses), weight, reduction)
+    w = None if weight is None else weight.to(cdt)
+    return _reduce(torch.cat(losses), w, reduction).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,17 +233,20 @@ _FAKE_REGISTERED = False
 
 
 def _register_fake() -> None:
-    """Register the shape function of the compiled op (once, and only once the op exists)."""
+    """Register the shape functions of the compiled ops (once, and only once the ops exist)."""
     global _FAKE_REGISTERED
     if _FAKE_REGISTERED:
         return
 
     @torch.library.register_fake(_OP)
-    def _diga_loss_fwd_fake(student, teacher, grids, weight, grad_scale, compute_grad):
-        n, d = student.shape
-        loss = student.new_empty((n,), dtype=torch.float32)
-        grad = student.new_empty((n, d) if compute_grad else (0, d))
-        return loss, grad
+    def _diga_loss_fwd_fake(student, teacher, table, save_coef):
+        n = student.shape[0]
+        return student.new_empty((n,), dtype=torch.float32), student.new_empty((n if save_coef else 0, 3),
+                                                                                dtype=torch.float32)
+
+    @torch.library.register_fake(_OP_BWD)
+    def _diga_loss_bwd_fake(grad_loss, student, teacher, table, coef):
+        return student.new_empty(student.shape)
 
     _FAKE_REGISTERED = True
 
@@ -227,53 +272,91 @@ def _select_backend(device_type: str, dtype_name: str, backend: str | None) -> s
     return name
 
 
+# --------------------------------------------------------------------------------------------------
+# The image table
+# --------------------------------------------------------------------------------------------------
+
+_INT64_MAX = 2**63 - 1
+_TABLES: OrderedDict = OrderedDict()  # (grids, device) -> table; the same grids reuse one device tensor
+_TABLE_CACHE_SIZE = 64
+
+
+def _table_rows(s_grids, t_grids) -> list[list[int]]:
+    """Rows ``(h_s, w_s, h_t, w_t, student offset, teacher offset)`` per image, checked for int64 overflow."""
+    rows, s_off, t_off = [], 0, 0
+    for (hs, ws), (ht, wt) in zip(s_grids, t_grids):
+        rows.append([hs, ws, ht, wt, s_off, t_off])
+        s_off += hs * ws
+        t_off += ht * wt
+        if s_off > _INT64_MAX or t_off > _INT64_MAX:
+            raise ValueError("student_grids / teacher_grids: token counts overflow int64")
+    return rows
+
+
+def diga_table(student_grids, teacher_grids, device) -> torch.Tensor:
+    """The image table of a grid list on ``device``: int64 ``(n_images, 6)``, one row per image
+    ``(h_s, w_s, h_t, w_t, student offset, teacher offset)``, the argument ``table`` of the compiled ops.
+
+    Tables are cached per (grid lists, device): a training loop over batches of recurring resolutions uploads
+    each one once, and a cached table keeps its address (a CUDA graph may capture it). A new table is copied
+    from page-locked memory without synchronising with the device.
+    """
+    s_grids = _as_grid_list(student_grids, "student_grids")
+    t_grids = _as_grid_list(teacher_grids, "teacher_grids")
+    if len(s_grids) != len(t_grids):
+        raise ValueError(f"student_grids has {len(s_grids)} images but teacher_grids has {len(t_grids)}")
+    device = torch.device(device)
+    if torch.compiler.is_compiling():  # a constant of the compiled graph
+        return torch.tensor(_table_rows(s_grids, t_grids), dtype=torch.int64, device=device)
+    key = (tuple(s_grids), tuple(t_grids), device)
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+    host = torch.tensor(_table_rows(s_grids, t_grids), dtype=torch.int64)
+    if device.type == "cuda":
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host.to(device)
+    _TABLES[key] = table
+    if len(_TABLES) > _TABLE_CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return table
+
+
 class _DIGALossFunction(torch.autograd.Function):
-    """Loss and student gradient from one kernel call; the backward rescales the stored gradient."""
+    """Forward kernel: per-token losses and coefficients; backward kernel: the student gradient, with the
+    per-token incoming gradient (reduction, weights, ``grad_out``) applied inside the kernel."""
 
     @staticmethod
-    def forward(ctx, student, teacher, grids, weight, reduction):
-        n = student.shape[0]
-        # Fold the reduction's constant factors into the gradient the kernel writes, so that the
-        # backward is a single multiplication by the incoming gradient.
-        if reduction == "mean":
-            if weight is None:
-                kernel_weight, grad_scale = None, 1.0 / n
-            else:
-                kernel_weight, grad_scale = weight / weight.sum(), 1.0
-        else:
-            kernel_weight, grad_scale = weight, 1.0
-        compute_grad = ctx.needs_input_grad[0]
-        per_token, grad = torch.ops.unigendet.diga_loss_fwd(
-            student, teacher, grids, kernel_weight, grad_scale, compute_grad)
-        if compute_grad:
-            ctx.save_for_backward(grad)
+    def forward(ctx, student, teacher, table, weight, reduction):
+        save = ctx.needs_input_grad[0]
+        per_token, coef = torch.ops.unigendet.diga_loss_fwd(student, teacher, table, save)
+        if save:
+            ctx.save_for_backward(student, teacher, table, coef, weight)
         ctx.reduction = reduction
-        if reduction == "none":
-            out = per_token * weight if weight is not None else per_token
-        elif reduction == "sum":
-            out = (per_token * weight).sum() if weight is not None else per_token.sum()
-        else:
-            out = (per_token * kernel_weight).sum() if weight is not None else per_token.mean()
-        return out.to(student.dtype)
+        return _reduce(per_token, weight, reduction).to(student.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad_student = grad * grad_out.to(grad.dtype).unsqueeze(1)
-        else:
-            grad_student = grad * grad_out.to(grad.dtype)
-        return grad_student, None, None, None, None
+        student, teacher, table, coef, weight = ctx.saved_tensors
+        g = grad_out.float()
+        n = student.shape[0]
+        # d L / d loss_i for every token: a scalar (stride 0 in the kernel) or an (N,) vector.
+        if ctx.reduction == "mean":
+            gl = g / n if weight is None else g * weight / weight.sum()
+        else:  # "sum" (scalar grad_out) or "none" ((N,) grad_out)
+            gl = g if weight is None else g * weight
+        grad = torch.ops.unigendet.diga_loss_bwd(gl.contiguous(), student, teacher, table, coef)
+        return grad, None, None, None, None
 
 
 def _diga_loss_fused(student, teacher, s_grids, t_grids, weight, reduction):
     teacher = teacher.detach().to(student.dtype)
-    # The image table always lives on the CPU (the CUDA kernel copies it itself).
-    grids = torch.tensor([[hs, ws, ht, wt] for (hs, ws), (ht, wt) in zip(s_grids, t_grids)], dtype=torch.int64,
-                         device="cpu")
+    table = diga_table(s_grids, t_grids, student.device)
     if weight is not None:
         weight = weight.detach().to(torch.float32)
-    return _DIGALossFunction.apply(student, teacher, grids, weight, reduction)
+    return _DIGALossFunction.apply(student, teacher, table, weight, reduction)
 
 
 # --------------------------------------------------------------------------------------------------
