@@ -162,7 +162,7 @@ def test_opcheck(case, dtype):
     torch.library.opcheck(torch.ops.unigendet.packed_attention_fwd.default, args)
     out, lse = torch.ops.unigendet.packed_attention_fwd(*args)
     bargs = (torch.randn_like(out), q, ks, vs, out, lse, *plan.tensors(), plan.max_q_len, plan.max_k_len, 0.35,
-             "torch")
+             "torch", True)
     torch.library.opcheck(torch.ops.unigendet.packed_attention_bwd.default, bargs)
 
 

@@ -56,10 +56,11 @@ def _nan_guarded(t: torch.Tensor, pad: int = 40) -> torch.Tensor:
     return view
 
 
-def _check_case(q, ks, vs, masks, plan, dtype, *, scale=None, floor=None):
+def _check_case(q, ks, vs, masks, plan, dtype, *, scale=None, floor=None, deterministic=True):
     """Run fwd + bwd of the Triton launchers and compare with the dense fp64 reference.
 
-    ``ks``/``vs``/``masks`` list the sources of the plan (None for an absent source).
+    ``ks``/``vs``/``masks`` list the sources of the plan (None for an absent source); ``deterministic=False``
+    runs the backward whose dK/dV kernel accumulates dQ with atomics.
     """
     at = _triton()
     d = q.shape[-1]
@@ -71,7 +72,7 @@ def _check_case(q, ks, vs, masks, plan, dtype, *, scale=None, floor=None):
     out, lse = at.packed_attention_fwd_triton(_nan_guarded(q), gk, gv, plan, scale)
     dout = _rand(q.shape, dtype, q.device)
     dq, dks, dvs = at.packed_attention_bwd_triton(_nan_guarded(dout), _nan_guarded(q), gk, gv, _nan_guarded(out),
-                                                  lse, plan, scale)
+                                                  lse, plan, scale, deterministic=deterministic)
 
     def run_dense(prec):
         leaves = [t.detach().to(prec).requires_grad_() for t in [q, *(ks[i] for i in present),
@@ -119,16 +120,20 @@ VARLEN_CASES = [
 ]
 
 
+BWD = pytest.mark.parametrize("deterministic", [True, False], ids=["split-dq", "atomic-dq"])
+
+
 @interpret
+@BWD
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{str(c[0])[6:]}-c{int(c[1])}-{c[2]}x{c[3]}-d{c[4]}")
-def test_varlen(case):
+def test_varlen(case, deterministic):
     dtype, causal, h, hkv, d, lq, lk = case
     cu_q, cu_k = _cu(lq), _cu(lk)
     layout = AttentionLayout.varlen(cu_q, cu_k, causal)
     q = _rand((sum(lq), h, d), dtype, "cpu")
     k = _rand((sum(lk), hkv, d), dtype, "cpu")
     v = _rand((sum(lk), hkv, d), dtype, "cpu")
-    _check_case(q, [k], [v], [mask_varlen(cu_q, cu_k, causal)], layout.plan, dtype)
+    _check_case(q, [k], [v], [mask_varlen(cu_q, cu_k, causal)], layout.plan, dtype, deterministic=deterministic)
 
 
 @interpret
@@ -152,14 +157,15 @@ BAGEL_SAMPLES = [
 
 
 @interpret
+@BWD
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_bagel_packed_layout(dtype):
+def test_bagel_packed_layout(dtype, deterministic):
     layout = AttentionLayout.from_splits(BAGEL_SAMPLES)
     total = sum(n for s in BAGEL_SAMPLES for n, _ in s)
     q = _rand((total, 4, 64), dtype, "cpu")
     k = _rand((total, 1, 64), dtype, "cpu")
     v = _rand((total, 1, 64), dtype, "cpu")
-    _check_case(q, [k], [v], [mask_from_splits(BAGEL_SAMPLES)], layout.plan, dtype)
+    _check_case(q, [k], [v], [mask_from_splits(BAGEL_SAMPLES)], layout.plan, dtype, deterministic=deterministic)
 
 
 @interpret
@@ -195,13 +201,14 @@ def test_random_split_layouts(seed):
     q = _rand((total, 4, 64), dtype, "cpu")
     k = _rand((total, 2, 64), dtype, "cpu")
     v = _rand((total, 2, 64), dtype, "cpu")
-    _check_case(q, [k], [v], [mask], layout.plan, dtype)
+    _check_case(q, [k], [v], [mask], layout.plan, dtype, deterministic=seed != 1)
 
 
 @interpret
+@BWD
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("absent", ["none", "empty"])
-def test_smsa_three_sources(dtype, absent):
+def test_smsa_three_sources(dtype, absent, deterministic):
     """Detection queries over generative, detection and text K/V kept in three tensors; text absent/empty."""
     lq, lgen, ldet = [19, 1, 6], [17, 0, 9], [19, 1, 6]
     cu_q, cu_gen, cu_det = _cu(lq), _cu(lgen), _cu(ldet)
@@ -221,7 +228,7 @@ def test_smsa_three_sources(dtype, absent):
         ks.append(_rand((0, hkv, d), dtype, "cpu"))
         vs.append(_rand((0, hkv, d), dtype, "cpu"))
         masks.append(mask_varlen(cu_q, cu_txt, False))
-    _check_case(q, ks, vs, masks, layout.plan, dtype)
+    _check_case(q, ks, vs, masks, layout.plan, dtype, deterministic=deterministic)
 
 
 @interpret
@@ -345,8 +352,9 @@ def test_gpu_varlen_dtypes_head_dims(dtype, d):
 
 
 @gpu
+@BWD
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_bagel_pack(dtype):
+def test_gpu_bagel_pack(dtype, deterministic):
     samples = [[(40, "causal"), (300, "full"), (256, "noise"), (20, "causal")],
                [(64, "causal"), (700, "full"), (15, "causal")]]
     layout = AttentionLayout.from_splits(samples, device="cuda")
@@ -354,11 +362,13 @@ def test_gpu_bagel_pack(dtype):
     q = _rand((total, 28, 128), dtype, "cuda")
     k = _rand((total, 4, 128), dtype, "cuda")
     v = _rand((total, 4, 128), dtype, "cuda")
-    _check_case(q, [k], [v], [mask_from_splits_vectorised(samples).cuda()], layout.plan, dtype)
+    _check_case(q, [k], [v], [mask_from_splits_vectorised(samples).cuda()], layout.plan, dtype,
+                deterministic=deterministic)
 
 
 @gpu
-def test_gpu_smsa_bf16():
+@BWD
+def test_gpu_smsa_bf16(deterministic):
     lq, lgen, ltxt = [700, 300], [513, 256], [60, 0]
     cu_q, cu_gen, cu_txt = _cu(lq), _cu(lgen), _cu(ltxt)
     dtype, h, hkv, d = torch.bfloat16, 28, 4, 128
@@ -367,7 +377,7 @@ def test_gpu_smsa_bf16():
     ks = [_rand((sum(n), hkv, d), dtype, "cuda") for n in (lgen, lq, ltxt)]
     vs = [_rand((sum(n), hkv, d), dtype, "cuda") for n in (lgen, lq, ltxt)]
     masks = [mask_varlen(cu_q, c, False).cuda() for c in (cu_gen, cu_q, cu_txt)]
-    _check_case(q, ks, vs, masks, layout.plan, dtype)
+    _check_case(q, ks, vs, masks, layout.plan, dtype, deterministic=deterministic)
 
 
 def _big_pack(seed: int = 0):
@@ -421,7 +431,7 @@ def test_gpu_deterministic_50_runs():
     scale = 128**-0.5
     out, lse = at.packed_attention_fwd_triton(q, [k], [v], layout.plan, scale)
     dout = _rand(q.shape, dtype, "cuda")
-    g0 = at.packed_attention_bwd_triton(dout, q, [k], [v], out, lse, layout.plan, scale)
+    g0 = at.packed_attention_bwd_triton(dout, q, [k], [v], out, lse, layout.plan, scale, deterministic=True)
     for _ in range(50):
-        g = at.packed_attention_bwd_triton(dout, q, [k], [v], out, lse, layout.plan, scale)
+        g = at.packed_attention_bwd_triton(dout, q, [k], [v], out, lse, layout.plan, scale, deterministic=True)
         assert torch.equal(g[0], g0[0]) and torch.equal(g[1][0], g0[1][0]) and torch.equal(g[2][0], g0[2][0])

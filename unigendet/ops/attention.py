@@ -13,9 +13,11 @@ Layers, top to bottom:
    :func:`packed_attention` (any :class:`~unigendet.ops.layout.AttentionLayout`) and
    :func:`smsa_attention` (queries over three separate key/value sources), and their modules.
 
-Determinism: both backends are deterministic by construction (the reference accumulates key gradients
-range by range in a fixed order; the Triton backward uses no atomics), so ``deterministic=True`` costs
-nothing and is accepted for compatibility.
+Determinism: the forward is always deterministic, and so is the ``torch`` backend's backward (it accumulates
+key gradients range by range in a fixed order). The Triton backward has two forms, as flash-attn's:
+``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) computes dQ in its own kernel, bit for
+bit reproducible without atomics; ``deterministic=False`` (the default, flash-attn's) lets the dK/dV kernel
+accumulate dQ with fp32 atomics, which saves two of seven matmuls per tile pair but varies in the last bits.
 
 Host synchronisation: :func:`packed_attention` never synchronises (the layout is prebuilt).
 :func:`varlen_attention` and :func:`smsa_attention` build their plan from ``cu_seqlens`` with tensor ops
@@ -410,7 +412,7 @@ def _(q, ks, vs, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries, max
 def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Tensor], out: Tensor, lse: Tensor,
                           q_ranges: Tensor, kv_ptr: Tensor, kv_entries: Tensor, k_segments: Tensor, q_ptr: Tensor,
                           q_entries: Tensor, max_q_len: int, max_k_len: int, softmax_scale: float,
-                          backend: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                          backend: str, deterministic: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     if backend == "triton":
         from . import attention_triton
 
@@ -418,7 +420,8 @@ def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Te
         tks, tvs = _triton_sources(ks), _triton_sources(vs)
         if all(k is None for k in tks):
             return torch.zeros_like(q), [torch.zeros_like(k) for k in ks], [torch.zeros_like(v) for v in vs]
-        dq, dks, dvs = attention_triton.packed_attention_bwd_triton(dout, q, tks, tvs, out, lse, plan, softmax_scale)
+        dq, dks, dvs = attention_triton.packed_attention_bwd_triton(dout, q, tks, tvs, out, lse, plan, softmax_scale,
+                                                                    deterministic=deterministic)
         # absent (empty) sources come back as None
         dks = [torch.zeros_like(k) if d is None else d for d, k in zip(dks, ks)]
         dvs = [torch.zeros_like(v) if d is None else d for d, v in zip(dvs, vs)]
@@ -430,7 +433,7 @@ def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Te
 
 @_packed_attention_bwd.register_fake
 def _(dout, q, ks, vs, out, lse, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries, max_q_len,
-      max_k_len, softmax_scale, backend):
+      max_k_len, softmax_scale, backend, deterministic):
     return torch.empty_like(q), [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs]
 
 
@@ -440,7 +443,7 @@ def _(dout, q, ks, vs, out, lse, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr
 
 
 class PackedAttentionFunction(torch.autograd.Function):
-    """``apply(index, max_q_len, max_k_len, softmax_scale, backend, num_sources, *tensors)``.
+    """``apply(index, max_q_len, max_k_len, softmax_scale, backend, num_sources, deterministic, *tensors)``.
 
     The logical tensor arguments are ``[q, *plan_tensors (6), *ks, *vs]``; ``tensors`` holds each distinct
     tensor once and ``index[i]`` names the distinct tensor of logical argument i (``torch.compile`` cannot
@@ -449,31 +452,31 @@ class PackedAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, index, max_q_len, max_k_len, softmax_scale, backend, num_sources, *uniq):
+    def forward(ctx, index, max_q_len, max_k_len, softmax_scale, backend, num_sources, deterministic, *uniq):
         args = [uniq[i] for i in index]
         q, plan, kv = args[0], args[1:7], args[7:]
         ks, vs = list(kv[:num_sources]), list(kv[num_sources:])
         out, lse = torch.ops.unigendet.packed_attention_fwd(q, ks, vs, *plan, max_q_len, max_k_len,
                                                             softmax_scale, backend)
         ctx.save_for_backward(out, lse, *uniq)
-        ctx.meta = (index, max_q_len, max_k_len, softmax_scale, backend, num_sources)
+        ctx.meta = (index, max_q_len, max_k_len, softmax_scale, backend, num_sources, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         out, lse, *uniq = ctx.saved_tensors
-        index, max_q_len, max_k_len, softmax_scale, backend, n = ctx.meta
+        index, max_q_len, max_k_len, softmax_scale, backend, n, deterministic = ctx.meta
         args = [uniq[i] for i in index]
         q, plan, kv = args[0], args[1:7], args[7:]
         dq, dks, dvs = torch.ops.unigendet.packed_attention_bwd(
             dout.contiguous(), q, list(kv[:n]), list(kv[n:]), out, lse, *plan, max_q_len, max_k_len,
-            softmax_scale, backend)
+            softmax_scale, backend, deterministic)
         grads = [None] * len(uniq)
         for pos, g in [(0, dq), *((7 + i, g) for i, g in enumerate([*dks, *dvs]))]:
             j = index[pos]
             grads[j] = g if grads[j] is None else grads[j] + g
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, *grads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -623,8 +626,14 @@ def _plan_for(layout: AttentionLayout, q: Tensor, backend: str) -> KernelPlan:
     return layout.plan
 
 
+def _deterministic(deterministic) -> bool:
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
+    return deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 def _run(q: Tensor, ks: list[Tensor], vs: list[Tensor], plan_tensors, max_q_len: int, max_k_len: int,
-         scale: float, backend: str) -> tuple[Tensor, Tensor]:
+         scale: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
     tensors = [q.contiguous(), *plan_tensors, *(t.contiguous() for t in ks), *(t.contiguous() for t in vs)]
     uniq: list[Tensor] = []
     index = []
@@ -636,7 +645,8 @@ def _run(q: Tensor, ks: list[Tensor], vs: list[Tensor], plan_tensors, max_q_len:
         else:
             index.append(len(uniq))
             uniq.append(t)
-    return PackedAttentionFunction.apply(tuple(index), max_q_len, max_k_len, scale, backend, len(ks), *uniq)
+    return PackedAttentionFunction.apply(tuple(index), max_q_len, max_k_len, scale, backend, len(ks),
+                                         _deterministic(deterministic), *uniq)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,7 +664,8 @@ def packed_attention(q: Tensor, k, v, layout: AttentionLayout, softmax_scale: fl
             same Hkv). GQA: query head h uses key/value head ``h // (H // Hkv)``.
         layout: an :class:`AttentionLayout` (on q's device for the Triton backend; no host sync per call).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        deterministic: accepted for compatibility; every backend is deterministic.
+        deterministic: a bit-for-bit reproducible backward (see the module docstring); also implied by
+            ``torch.use_deterministic_algorithms(True)``.
         return_lse: also return the log-sum-exp (H, total_q) float32 (``-inf`` for queries with no key).
         backend: ``auto`` (default, or ``UNIGENDET_BACKEND``), ``triton`` or ``torch``.
 
@@ -683,7 +694,7 @@ def packed_attention(q: Tensor, k, v, layout: AttentionLayout, softmax_scale: fl
     scale = _scale(softmax_scale, q.shape[-1])
     be = _choose("packed_attention", q, backend)
     plan = _plan_for(layout, q, be)
-    out, lse = _run(q, ks, vs, plan.tensors(), plan.max_q_len, plan.max_k_len, scale, be)
+    out, lse = _run(q, ks, vs, plan.tensors(), plan.max_q_len, plan.max_k_len, scale, be, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -703,7 +714,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         causal: bottom-right aligned causal mask (query i of a sequence sees key j iff j <= i + Lk - Lq).
             Query rows that see no key output 0.
         dropout_p, window_size, softcap, alibi_slopes: only the defaults are supported.
-        deterministic: accepted; the backward is always deterministic.
+        deterministic: a bit-for-bit reproducible backward (see the module docstring).
         return_attn_probs: return ``(out, softmax_lse (H, total_q) float32, None)`` like flash-attn.
 
     Returns:
@@ -731,7 +742,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # The reference reads the plan on the host: keep it where cu_seqlens already are.
     dev = cu_seqlens_q.device if be == "torch" else q.device
     plan = varlen_plan_tensors(cu_seqlens_q.to(dev), cu_seqlens_k.to(dev), bool(causal))
-    out, lse = _run(q, [k], [v], plan, max_seqlen_q, max_seqlen_k, scale, be)
+    out, lse = _run(q, [k], [v], plan, max_seqlen_q, max_seqlen_k, scale, be, deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -753,7 +764,7 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
         cu_seqlens_*: int32 (B + 1,), on q's device or the CPU (CPU ones are validated on the host).
         max_seqlen_*: Python ints, upper bounds (an absent source's value is ignored).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        deterministic: accepted; the backward is always deterministic.
+        deterministic: a bit-for-bit reproducible backward (see the module docstring).
         return_lse: also return lse (H, total_q) float32.
 
     Returns:
@@ -795,7 +806,7 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
     empty = q.new_empty((0, hkv, q.shape[-1]))
     ks = [empty if kk is None else kk for _, kk, _, _, _ in srcs]
     vs = [empty if vv is None else vv for _, _, vv, _, _ in srcs]
-    out, lse = _run(q, ks, vs, plan, max_seqlen_q, max_k, scale, be)
+    out, lse = _run(q, ks, vs, plan, max_seqlen_q, max_k, scale, be, deterministic)
     return (out, lse) if return_lse else out
 
 
