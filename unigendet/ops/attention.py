@@ -14,10 +14,10 @@ Layers, top to bottom:
    :func:`smsa_attention` (queries over three separate key/value sources), and their modules.
 
 Determinism: the forward is always deterministic, and so is the ``torch`` backend's backward (it accumulates
-key gradients range by range in a fixed order). The Triton backward has two forms, as flash-attn's:
-``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) computes dQ in its own kernel, bit for
-bit reproducible without atomics; ``deterministic=False`` (the default, flash-attn's) lets the dK/dV kernel
-accumulate dQ with fp32 atomics, which saves two of seven matmuls per tile pair but varies in the last bits.
+key gradients range by range in a fixed order). The Triton backward has two forms: ``deterministic=True`` (the
+default here) computes dQ in its own kernel, bit for bit reproducible without atomics; ``deterministic=False``
+(flash-attn's default) lets the dK/dV kernel accumulate dQ with fp32 atomics, which saves two of seven matmuls
+per tile pair but varies in the last bits (``torch.use_deterministic_algorithms(True)`` overrides it).
 
 Host synchronisation: :func:`packed_attention` never synchronises (the layout is prebuilt).
 :func:`varlen_attention` and :func:`smsa_attention` build their plan from ``cu_seqlens`` with tensor ops
@@ -655,7 +655,7 @@ def _run(q: Tensor, ks: list[Tensor], vs: list[Tensor], plan_tensors, max_q_len:
 
 
 def packed_attention(q: Tensor, k, v, layout: AttentionLayout, softmax_scale: float | None = None,
-                     deterministic: bool = False, return_lse: bool = False, *, backend: str | None = None):
+                     deterministic: bool = True, return_lse: bool = False, *, backend: str | None = None):
     """Attention over a packed batch with an arbitrary :class:`AttentionLayout`.
 
     Args:
@@ -664,8 +664,8 @@ def packed_attention(q: Tensor, k, v, layout: AttentionLayout, softmax_scale: fl
             same Hkv). GQA: query head h uses key/value head ``h // (H // Hkv)``.
         layout: an :class:`AttentionLayout` (on q's device for the Triton backend; no host sync per call).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        deterministic: a bit-for-bit reproducible backward (see the module docstring); also implied by
-            ``torch.use_deterministic_algorithms(True)``.
+        deterministic: a bit-for-bit reproducible backward (default); False: the faster backward with atomic dQ
+            sums (see the module docstring).
         return_lse: also return the log-sum-exp (H, total_q) float32 (``-inf`` for queries with no key).
         backend: ``auto`` (default, or ``UNIGENDET_BACKEND``), ``triton`` or ``torch``.
 
@@ -701,7 +701,7 @@ def packed_attention(q: Tensor, k, v, layout: AttentionLayout, softmax_scale: fl
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, dropout_p: float = 0.0, softmax_scale: float | None = None,
                      causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                     alibi_slopes: Tensor | None = None, deterministic: bool = True,
                      return_attn_probs: bool = False, *, backend: str | None = None):
     """Drop-in for ``flash_attn_varlen_func``.
 
@@ -714,7 +714,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         causal: bottom-right aligned causal mask (query i of a sequence sees key j iff j <= i + Lk - Lq).
             Query rows that see no key output 0.
         dropout_p, window_size, softcap, alibi_slopes: only the defaults are supported.
-        deterministic: a bit-for-bit reproducible backward (see the module docstring).
+        deterministic: a bit-for-bit reproducible backward (default); False: the faster backward with atomic dQ
+            sums (see the module docstring).
         return_attn_probs: return ``(out, softmax_lse (H, total_q) float32, None)`` like flash-attn.
 
     Returns:
@@ -750,7 +751,7 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
                    v_det: Tensor | None, k_txt: Tensor | None, v_txt: Tensor | None, cu_seqlens_q: Tensor,
                    cu_seqlens_gen: Tensor | None, cu_seqlens_det: Tensor | None, cu_seqlens_txt: Tensor | None,
                    max_seqlen_q: int, max_seqlen_gen: int, max_seqlen_det: int, max_seqlen_txt: int,
-                   softmax_scale: float | None = None, deterministic: bool = False, return_lse: bool = False, *,
+                   softmax_scale: float | None = None, deterministic: bool = True, return_lse: bool = False, *,
                    backend: str | None = None):
     """Symbiotic multimodal self-attention over three separate key/value sources.
 
@@ -764,7 +765,8 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
         cu_seqlens_*: int32 (B + 1,), on q's device or the CPU (CPU ones are validated on the host).
         max_seqlen_*: Python ints, upper bounds (an absent source's value is ignored).
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        deterministic: a bit-for-bit reproducible backward (see the module docstring).
+        deterministic: a bit-for-bit reproducible backward (default); False: the faster backward with atomic dQ
+            sums (see the module docstring).
         return_lse: also return lse (H, total_q) float32.
 
     Returns:
@@ -818,7 +820,7 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
 class PackedAttention(nn.Module):
     """``forward(q, k, v, layout) -> out``: :func:`packed_attention` with fixed options."""
 
-    def __init__(self, softmax_scale: float | None = None, deterministic: bool = False, backend: str | None = None):
+    def __init__(self, softmax_scale: float | None = None, deterministic: bool = True, backend: str | None = None):
         super().__init__()
         self.softmax_scale, self.deterministic, self.backend = softmax_scale, deterministic, backend
 
@@ -832,7 +834,7 @@ class PackedAttention(nn.Module):
 class VarlenAttention(nn.Module):
     """``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> out``."""
 
-    def __init__(self, causal: bool = False, softmax_scale: float | None = None, deterministic: bool = False,
+    def __init__(self, causal: bool = False, softmax_scale: float | None = None, deterministic: bool = True,
                  backend: str | None = None):
         super().__init__()
         self.causal, self.softmax_scale, self.deterministic, self.backend = causal, softmax_scale, deterministic, \
@@ -850,7 +852,7 @@ class VarlenAttention(nn.Module):
 class SMSAAttention(nn.Module):
     """``forward(q, k_gen, v_gen, k_det, v_det, k_txt, v_txt, cu_seqlens..., max_seqlens...) -> out``."""
 
-    def __init__(self, softmax_scale: float | None = None, deterministic: bool = False, backend: str | None = None):
+    def __init__(self, softmax_scale: float | None = None, deterministic: bool = True, backend: str | None = None):
         super().__init__()
         self.softmax_scale, self.deterministic, self.backend = softmax_scale, deterministic, backend
 
