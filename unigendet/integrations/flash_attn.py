@@ -19,7 +19,9 @@ GQA / MQA              supported (query head h uses key/value head ``h // (H // 
                        ``[i + Lk - Lq - left, i + Lk - Lq + right]``; a left window gives each
                        query it cuts its own kernel range, so it runs below dense-tile speed
 ``softmax_scale``      supported (default ``1 / sqrt(headdim)``)
-``deterministic``      accepted; the backward is always deterministic
+``deterministic``      as flash-attn: False (default) runs the backward whose dK/dV kernel sums dQ
+                       with fp32 atomics (5 matmuls per tile pair, last bits vary between runs);
+                       True the bit-for-bit reproducible one
 dtypes                 fp16 and bf16 as in flash-attn, plus fp32 (and fp64 on the reference)
 head dims              Triton: 32, 40, 48, 64, 72, 80, 96, 112, 128; other head dims run on the
                        PyTorch reference
@@ -71,7 +73,7 @@ def _max_int(name: str, x) -> int:
 
 
 def _windowed(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale,
-              causal: bool, window: tuple[int, int]) -> Tensor:
+              causal: bool, window: tuple[int, int], deterministic: bool = False) -> Tensor:
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
             raise ValueError(f"{name} must be a 1-D int32 tensor")
@@ -83,7 +85,7 @@ def _windowed(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q
     check_cu_host("cu_seqlens_q", cu_q.cpu().tolist(), q.shape[0], max_q, "max_seqlen_q")
     check_cu_host("cu_seqlens_k", cu_k.cpu().tolist(), k.shape[0], max_k, "max_seqlen_k")
     layout = window_layout(cu_q, cu_k, causal, window, q.shape[0], k.shape[0], q.device)
-    return packed_attention(q, k, v, layout, scale)
+    return packed_attention(q, k, v, layout, scale, deterministic=deterministic)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -101,7 +103,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         window_size: (left, right); query i sees keys [i + Lk - Lq - left, i + Lk - Lq + right]
             (-1: unbounded; causal sets right to 0).
         softcap, alibi_slopes, block_table: must be 0.0 / None / None.
-        deterministic: accepted; the backward is always deterministic.
+        deterministic: False (flash-attn's default): the faster backward with atomic dQ sums; True: bit for bit
+            reproducible.
         return_attn_probs: must be False.
 
     Returns:
@@ -116,7 +119,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 softmax_scale=softmax_scale, causal=bool(causal), deterministic=deterministic)
     return _windowed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal),
-                     window)
+                     window, deterministic)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
