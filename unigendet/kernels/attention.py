@@ -117,6 +117,11 @@ def head_dim_split(head_dim: int, max_block: int = 128) -> tuple[int, int]:
     return d0, d1
 
 
+# Lengths and head counts change from batch to batch and model to model: never specialise the kernels on their
+# values (Triton would otherwise compile a variant per divisibility class; the row strides' divisibility comes
+# from the constexpr head dim instead).
+_RUNTIME_INTS = ["total_q", "H", "HKV"]
+
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, kb, vb, KD0, KD1, VD0, VD1, kv_col,
     return acc0, acc1, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _packed_attention_fwd_kernel(
     Q, K0, V0, K1, V1, K2, V2, Out, Lse,
     KD0, KD1, VD0, VD1,
@@ -325,7 +330,7 @@ def _packed_attention_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _packed_attention_bwd_preprocess_kernel(
     Out, DOut, Delta, total_q, H,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -379,7 +384,7 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, kb, vb, offs_m, lo, hi, k
     return dq0, dq1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _packed_attention_bwd_dq_kernel(
     Q, K0, V0, K1, V1, K2, V2, DOut, Lse, Delta, DQ,
     Tiles, QRanges, KvPtr, KvEntries,
@@ -519,7 +524,7 @@ def _dkdv_inner(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, lse_base, d
     return dk0, dk1, dv0, dv1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _packed_attention_bwd_dkdv_kernel(
     Q, K0, V0, K1, V1, K2, V2, DK0, DV0, DK1, DV1, DK2, DV2, DOut, Lse, Delta, DQAcc, DQDesc0, DQDesc1,
     Tiles, KSegments, QPtr, QEntries,

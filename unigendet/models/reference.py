@@ -62,19 +62,23 @@ def _layer(layer: MoTDecoderLayer, h, und, gen, cos, sin, attn):
     a = layer.self_attn
     s = h.shape[0]
 
-    def route(fn_und, fn_gen, x, width):
-        y = x.new_zeros(s, width)
-        y[und] = fn_und(x[und])
-        y[gen] = fn_gen(x[gen])
+    def merge(a, b, shape):
+        # scatter both experts' outputs back into token order (in their common dtype: under autocast a matmul
+        # gives bf16 and a norm with fp32 weights fp32)
+        y = a.new_zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype))
+        y[und] = a
+        y[gen] = b
         return y
+
+    def route(fn_und, fn_gen, x, width):
+        return merge(fn_und(x[und]), fn_gen(x[gen]), (s, width))
 
     x = route(layer.input_layernorm, layer.input_layernorm_moe_gen, h, h.shape[1])
     q = route(a.q_proj, a.q_proj_moe_gen, x, a.num_heads * a.head_dim).view(s, a.num_heads, a.head_dim)
     k = route(a.k_proj, a.k_proj_moe_gen, x, a.num_kv_heads * a.head_dim).view(s, a.num_kv_heads, a.head_dim)
     v = route(a.v_proj, a.v_proj_moe_gen, x, a.num_kv_heads * a.head_dim).view(s, a.num_kv_heads, a.head_dim)
-    qn, kn = torch.zeros_like(q), torch.zeros_like(k)
-    qn[und], qn[gen] = a.q_norm(q[und]), a.q_norm_moe_gen(q[gen])
-    kn[und], kn[gen] = a.k_norm(k[und]), a.k_norm_moe_gen(k[gen])
+    qn = merge(a.q_norm(q[und]), a.q_norm_moe_gen(q[gen]), q.shape)
+    kn = merge(a.k_norm(k[und]), a.k_norm_moe_gen(k[gen]), k.shape)
     o = attn(apply_rope(qn, cos, sin), apply_rope(kn, cos, sin), v).reshape(s, -1)
     h = h + route(a.o_proj, a.o_proj_moe_gen, o, h.shape[1])
     x = route(layer.post_attention_layernorm, layer.post_attention_layernorm_moe_gen, h, h.shape[1])
