@@ -33,13 +33,22 @@ import functools
 import importlib.util
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import _backend
-from .layout import AttentionLayout, KernelPlan, smsa_plan_tensors, varlen_plan_tensors
+from .layout import (
+    INT32_MAX,
+    AttentionLayout,
+    KernelPlan,
+    check_cu_seqlens,
+    check_plan_tensors,
+    smsa_plan_tensors,
+    varlen_plan_tensors,
+)
 
 __all__ = [
     "PackedAttention",
@@ -355,6 +364,8 @@ def _triton_check(info: _backend.CallInfo) -> list[str]:
     dims = tuple(getattr(attention_triton, "TRITON_HEAD_DIMS", ()))
     if info.head_dim is not None and info.head_dim not in dims:
         return [f"head dim {info.head_dim} not supported (supports {list(dims)})"]
+    if info.dtype == torch.bfloat16 and _backend.triton_interpret():
+        return ["the Triton interpreter cannot multiply bfloat16 (use float16/float32, or a GPU)"]
     return []
 
 
@@ -381,11 +392,34 @@ def _make_plan(q, ks, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries
 # --------------------------------------------------------------------------------------------------
 
 
+# id(q_ranges) -> (weak reference, versions of the plan tensors, totals): plans already checked (every layer of a
+# model reuses one plan; checking it once is enough).
+_CHECKED: dict[int, tuple] = {}
+
+
+def _check_op_plan(q: Tensor, ks: list[Tensor], plan_tensors) -> None:
+    """Values of a plan given to a registered op: checked when they are on the host (no synchronisation). Device
+    plans are a contract of the caller, as flash-attn's cu_seqlens (the layouts check theirs when built)."""
+    if not all(t.device.type == "cpu" for t in plan_tensors):
+        return
+    anchor = plan_tensors[0]
+    key = (tuple(t._version for t in plan_tensors), tuple(t.data_ptr() for t in plan_tensors), q.shape[0],
+           tuple(k.shape[0] for k in ks))
+    seen = _CHECKED.get(id(anchor))
+    if seen is not None and seen[0]() is anchor and seen[1] == key:
+        return
+    check_plan_tensors(plan_tensors, q.shape[0], [k.shape[0] for k in ks], len(ks))
+    if seen is None or seen[0]() is not anchor:
+        weakref.finalize(anchor, _CHECKED.pop, id(anchor), None)
+    _CHECKED[id(anchor)] = (weakref.ref(anchor), key)
+
+
 @torch.library.custom_op("unigendet::packed_attention_fwd", mutates_args=())
 def _packed_attention_fwd(q: Tensor, ks: list[Tensor], vs: list[Tensor], q_ranges: Tensor, kv_ptr: Tensor,
                           kv_entries: Tensor, k_segments: Tensor, q_ptr: Tensor, q_entries: Tensor,
                           max_q_len: int, max_k_len: int, softmax_scale: float,
                           backend: str) -> tuple[Tensor, Tensor]:
+    _check_op_plan(q, ks, (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries))
     if backend == "triton":
         from . import attention_triton
 
@@ -413,6 +447,7 @@ def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Te
                           q_ranges: Tensor, kv_ptr: Tensor, kv_entries: Tensor, k_segments: Tensor, q_ptr: Tensor,
                           q_entries: Tensor, max_q_len: int, max_k_len: int, softmax_scale: float,
                           backend: str, deterministic: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    _check_op_plan(q, ks, (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries))
     if backend == "triton":
         from . import attention_triton
 
@@ -581,8 +616,8 @@ def _scale(softmax_scale, d: int) -> float:
 
 
 def _check_int(name: str, x) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-        raise ValueError(f"{name} must be a non-negative Python int, got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= INT32_MAX:
+        raise ValueError(f"{name} must be a Python int in [0, 2**31 - 1], got {x!r}")
     return x
 
 
@@ -604,16 +639,7 @@ def _check_cu_values(name: str, cu: Tensor, total: int, max_seqlen: int, max_nam
     """Host-side value checks; only for CPU tensors outside torch.compile tracing (no sync)."""
     if cu.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    v = cu.tolist()
-    if v[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {v[0]}")
-    lens = [b - a for a, b in zip(v[:-1], v[1:])]
-    if any(x < 0 for x in lens):
-        raise ValueError(f"{name} must be non-decreasing, got {v}")
-    if v[-1] != total:
-        raise ValueError(f"{name}[-1] = {v[-1]} must equal the number of packed tokens ({total})")
-    if lens and max(lens) > max_seqlen:
-        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({max(lens)})")
+    check_cu_seqlens(name, cu, total, max_seqlen, max_name)
 
 
 def _plan_for(layout: AttentionLayout, q: Tensor, backend: str) -> KernelPlan:

@@ -250,6 +250,9 @@ def _check_qkv(q: torch.Tensor, ks: Sequence[torch.Tensor | None], vs: Sequence[
     q = _check_tensor("q", q, 3)
     if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"q: dtype {q.dtype} unsupported (expected one of {TRITON_DTYPES})")
+    if q.dtype == torch.bfloat16 and _interpret():
+        raise ValueError("q: the Triton interpreter cannot multiply bfloat16 (its results would be garbage); use "
+                         "float16/float32 or a GPU")
     total_q, H, D = q.shape
     if D not in TRITON_HEAD_DIMS:
         raise ValueError(f"q: head dim {D} unsupported by the Triton kernels (supported: {TRITON_HEAD_DIMS})")

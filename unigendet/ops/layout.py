@@ -42,7 +42,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-__all__ = ["MODES", "AttentionLayout", "KernelPlan", "smsa_plan_tensors", "varlen_plan_tensors"]
+__all__ = ["MODES", "AttentionLayout", "KernelPlan", "check_cu_seqlens", "check_plan_tensors", "smsa_plan_tensors",
+           "varlen_plan_tensors"]
 
 MODES = ("full", "causal", "noise")
 
@@ -73,6 +74,15 @@ class KernelPlan:
         """The six plan tensors in op-argument order."""
         return tuple(getattr(self, n) for n in _PLAN_TENSORS)
 
+    def validate(self) -> KernelPlan:
+        """Check the plan's values (see :func:`check_plan_tensors`; a GPU plan is copied to the host)."""
+        for name in ("max_q_len", "max_k_len", "total_q"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v <= INT32_MAX:
+                raise ValueError(f"plan.{name} must be an int in [0, 2**31 - 1], got {v!r}")
+        check_plan_tensors(self.tensors(), self.total_q, self.total_k, self.num_sources)
+        return self
+
     def to(self, device, non_blocking: bool = False) -> KernelPlan:
         device = torch.device(device)
         if self.device == device:
@@ -89,6 +99,91 @@ class KernelPlan:
                 f"segments={self.k_segments.shape[0]}, q_entries={self.q_entries.shape[0]}, "
                 f"max_q_len={self.max_q_len}, max_k_len={self.max_k_len}, num_sources={self.num_sources}, "
                 f"total_q={self.total_q}, total_k={self.total_k}, device={self.device})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (host; every plan and cu_seqlens whose values are readable without a device synchronisation)
+# --------------------------------------------------------------------------------------------------
+
+INT32_MAX = 2**31 - 1
+
+
+def check_cu_seqlens(name: str, cu, total: int | None = None, max_seqlen: int | None = None,
+                     max_name: str = "max_seqlen") -> list[int]:
+    """Check the values of a cu_seqlens tensor on the host: starts at 0, non-decreasing, ends at ``total`` (when
+    given), longest sequence at most ``max_seqlen`` (when given). Returns the values. A GPU tensor is copied to
+    the host (a synchronisation): callers check GPU tensors only when asked to."""
+    v = [int(x) for x in (cu.tolist() if isinstance(cu, torch.Tensor) else cu)]
+    if not v:
+        raise ValueError(f"{name} must hold at least one value (batch + 1)")
+    if v[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {v[0]}")
+    lens = [b - a for a, b in zip(v[:-1], v[1:])]
+    bad = next((i for i, n in enumerate(lens) if n < 0), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{bad + 1}] = {v[bad + 1]} < "
+                         f"{name}[{bad}] = {v[bad]}")
+    if total is not None and v[-1] != total:
+        raise ValueError(f"{name}[-1] = {v[-1]} must equal the number of packed tokens ({total})")
+    if v[-1] > INT32_MAX:
+        raise ValueError(f"{name}: {v[-1]} packed tokens exceed int32")
+    if max_seqlen is not None and lens and max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({max(lens)})")
+    return v
+
+
+def check_plan_tensors(tensors, total_q: int, total_k: Sequence[int], num_sources: int) -> None:
+    """Check the values of the six plan tensors (host tensors) against the kernels' contract; ValueError names the
+    field. Ranges and segments inside their buffers, CSR offsets consistent, sources known, the query ranges
+    disjoint, the entries of one range disjoint per source, the key segments of one source disjoint."""
+    q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries = (np.asarray(t.cpu() if isinstance(t, torch.Tensor)
+                                                                             else t, dtype=np.int64)
+                                                                  for t in tensors)
+    if not 1 <= num_sources <= 3 or len(total_k) != num_sources:
+        raise ValueError(f"plan: num_sources must be 1..3 with one total_k each, got {num_sources}, {total_k}")
+    tk = np.asarray(total_k, dtype=np.int64)
+    for name, t, cols in (("q_ranges", q_ranges, 2), ("kv_entries", kv_entries, 4), ("k_segments", k_segments, 3),
+                          ("q_entries", q_entries, 4)):
+        if t.ndim != 2 or t.shape[1] != cols:
+            raise ValueError(f"plan.{name} must have shape (n, {cols}), got {t.shape}")
+    for name, ptr, n in (("kv_ptr", kv_ptr, len(kv_entries)), ("q_ptr", q_ptr, len(q_entries))):
+        owners = len(q_ranges) if name == "kv_ptr" else len(k_segments)
+        if ptr.ndim != 1 or len(ptr) != owners + 1 or ptr[0] != 0 or ptr[-1] != n or np.any(np.diff(ptr) < 0):
+            raise ValueError(f"plan.{name} must be CSR offsets from 0 to {n}, non-decreasing, of length {owners + 1}")
+
+    def in_bounds(name, lo, hi, limit):
+        bad = np.flatnonzero((lo < 0) | (hi < lo) | (hi > limit))
+        if len(bad):
+            i = int(bad[0])
+            lim = limit[i] if np.ndim(limit) else limit
+            raise ValueError(f"plan.{name}[{i}] = [{int(lo[i])}, {int(hi[i])}) is not a range inside [0, {int(lim)}]")
+
+    in_bounds("q_ranges", q_ranges[:, 0], q_ranges[:, 1], total_q)
+    if len(q_ranges) > 1 and np.any(q_ranges[1:, 0] < q_ranges[:-1, 1]):
+        raise ValueError("plan.q_ranges must be sorted and disjoint")
+    in_bounds("q_entries", q_entries[:, 0], q_entries[:, 1], total_q)
+    if np.any((q_entries[:, 3] != 0) & (q_entries[:, 3] != 1)):
+        raise ValueError("plan.q_entries: the causal column must be 0 or 1")
+    for name, src in (("kv_entries", kv_entries[:, 3] >> 1), ("k_segments", k_segments[:, 0])):
+        bad = np.flatnonzero((src < 0) | (src >= num_sources))
+        if len(bad):
+            raise ValueError(f"plan.{name}[{int(bad[0])}]: source {int(src[bad[0]])} not in [0, {num_sources})")
+    if np.any(kv_entries[:, 3] < 0):
+        raise ValueError("plan.kv_entries: flags must be non-negative")
+    in_bounds("kv_entries", kv_entries[:, 0], kv_entries[:, 1], tk[kv_entries[:, 3] >> 1])
+    in_bounds("k_segments", k_segments[:, 1], k_segments[:, 2], tk[k_segments[:, 0]])
+    # disjointness: entries of one range per source (every key counted once), segments of one source (one writer
+    # per dK/dV row)
+    owner = np.repeat(np.arange(len(q_ranges)), np.diff(kv_ptr))
+    for name, grp, lo, hi in (("kv_entries", owner * 4 + (kv_entries[:, 3] >> 1), kv_entries[:, 0], kv_entries[:, 1]),
+                              ("k_segments", k_segments[:, 0], k_segments[:, 1], k_segments[:, 2])):
+        keep = hi > lo
+        grp, lo, hi = grp[keep], lo[keep], hi[keep]
+        order = np.lexsort((lo, grp))
+        g, a, b = grp[order], lo[order], hi[order]
+        if len(g) > 1 and np.any((g[1:] == g[:-1]) & (a[1:] < b[:-1])):
+            raise ValueError(f"plan.{name} overlap" + (" within a range" if name == "kv_entries" else
+                                                       " within a source"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,7 +469,7 @@ class AttentionLayout:
     @classmethod
     def _from_cpu_plan(cls, plan: KernelPlan, device) -> AttentionLayout:
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        return cls(plan.to(dev), plan)
+        return cls(plan.validate().to(dev), plan)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -513,12 +608,16 @@ class AttentionLayout:
     @classmethod
     def varlen(cls, cu_seqlens_q, cu_seqlens_k, causal: bool, device=None, *, total_q: int | None = None,
                total_k: int | None = None, max_seqlen_q: int | None = None,
-               max_seqlen_k: int | None = None) -> AttentionLayout:
+               max_seqlen_k: int | None = None, check: bool | None = None) -> AttentionLayout:
         """flash-attn varlen layout: sample b's queries [cu_q[b], cu_q[b+1]) see its keys [cu_k[b], cu_k[b+1]).
 
         ``causal`` is bottom-right aligned. Built with tensor ops on the device of ``cu_seqlens_q`` (or
         ``device``). The totals/maxima are read from the tensors when not given (a device->host copy
         when the tensors live on a GPU); pass them to avoid the synchronisation.
+
+        ``check``: validate the values of ``cu_seqlens`` (start at 0, non-decreasing, the given totals and
+        maxima); default: when they are CPU tensors. GPU ``cu_seqlens`` are, as in flash-attn, a contract the
+        caller keeps (checking them would synchronise); ``check=True`` checks them anyway.
         """
         cu_q = _check_cu(cu_seqlens_q, "cu_seqlens_q")
         cu_k = _check_cu(cu_seqlens_k, "cu_seqlens_k")
@@ -526,6 +625,17 @@ class AttentionLayout:
             raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same shape, got {tuple(cu_q.shape)} "
                              f"and {tuple(cu_k.shape)}")
         dev = torch.device(device) if device is not None else cu_q.device
+        if check if check is not None else (cu_q.device.type == "cpu" and cu_k.device.type == "cpu"):
+            vq = check_cu_seqlens("cu_seqlens_q", cu_q, total_q, max_seqlen_q, "max_seqlen_q")
+            vk = check_cu_seqlens("cu_seqlens_k", cu_k, total_k, max_seqlen_k, "max_seqlen_k")
+            total_q, total_k = vq[-1], vk[-1]
+            max_seqlen_q = max([b - a for a, b in zip(vq[:-1], vq[1:])], default=0) if max_seqlen_q is None \
+                else max_seqlen_q
+            max_seqlen_k = max([b - a for a, b in zip(vk[:-1], vk[1:])], default=0) if max_seqlen_k is None \
+                else max_seqlen_k
+        for name, v in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if v is not None and not 0 <= int(v) <= INT32_MAX:
+                raise ValueError(f"{name} must be in [0, 2**31 - 1], got {v}")
         cu_q, cu_k = cu_q.to(dev), cu_k.to(dev)
         if None in (total_q, total_k, max_seqlen_q, max_seqlen_k):
             hq, hk = cu_q.cpu(), cu_k.cpu()
@@ -543,12 +653,12 @@ class AttentionLayout:
     @classmethod
     def smsa(cls, cu_seqlens_q, cu_seqlens_kv: Sequence, device=None, *, total_q: int | None = None,
              total_k: Sequence | None = None, max_seqlen_q: int | None = None,
-             max_seqlen_k: Sequence | None = None) -> AttentionLayout:
+             max_seqlen_k: Sequence | None = None, check: bool | None = None) -> AttentionLayout:
         """Symbiotic multimodal self-attention layout.
 
         Sample b's queries [cu_q[b], cu_q[b+1]) see (no mask) its keys of every present source:
         ``cu_seqlens_kv = [cu_gen, cu_det, cu_txt]`` are sources 0, 1, 2; ``None`` marks an absent source
-        (no entries, ``total_k`` 0). Built with tensor ops like :meth:`varlen`.
+        (no entries, ``total_k`` 0). Built with tensor ops like :meth:`varlen`; ``check`` as there.
         """
         cu_q = _check_cu(cu_seqlens_q, "cu_seqlens_q")
         names = ("cu_seqlens_gen", "cu_seqlens_det", "cu_seqlens_txt")
@@ -570,6 +680,12 @@ class AttentionLayout:
             total_k = tuple(int(x) for x in total_k)
             if len(total_k) != 3:
                 raise ValueError("total_k must hold 3 ints (gen, det, txt)")
+        on_host = all(c.device.type == "cpu" for c in [cu_seqlens_q, *(c for _, c in present)])
+        if check if check is not None else on_host:
+            check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+            for i, cu in present:
+                check_cu_seqlens(names[i], cu, None if total_k is None else total_k[i],
+                                 None if max_seqlen_k is None else tuple(max_seqlen_k)[i], f"max_seqlen_k[{i}]")
         if max_seqlen_k is not None:
             max_seqlen_k = tuple(int(x) for x in max_seqlen_k)
         if total_q is None or total_k is None or max_seqlen_q is None or max_seqlen_k is None:
