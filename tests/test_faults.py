@@ -614,6 +614,10 @@ def test_atomic_folder_keeps_the_old_folder_on_failure_and_restores_it_after_a_k
         open(os.path.join(tmp, "a.txt"), "w").write("new")
         raise RuntimeError("boom")
     assert open(os.path.join(target, "a.txt")).read() == "old" and os.listdir(tmp_path) == ["final"]
+    with pytest.raises(CheckpointError, match=r"could not write .*final: \[Errno 28\] No space left on device"):
+        with atomic_folder(target) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert open(os.path.join(target, "a.txt")).read() == "old" and os.listdir(tmp_path) == ["final"]
     verify_checksums(target)
     # a kill between "move the old folder aside" and "rename the new one in"
     os.makedirs(tmp_path / ".final.old-k")

@@ -182,6 +182,7 @@ def _closed_form_fid(a1, a2):
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
 
 
+@pytest.mark.filterwarnings("ignore:loading the TorchScript feature network")
 def test_fid_user_network_end_to_end(tmp_path, tiny_net_path):
     gen = [_rand_image(320, 400, 10 + i) for i in range(12)]
     ref = [

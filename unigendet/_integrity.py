@@ -179,7 +179,8 @@ def verify_checksums(folder: str, names: list[str] | None = None, *, require: tu
 @contextlib.contextmanager
 def atomic_folder(folder: str) -> Iterator[str]:
     """Yield a temporary sibling of ``folder`` to fill; on success write its checksums and rename it to ``folder``
-    (replacing an existing one). On any exception, including a signal, the temporary folder is removed."""
+    (replacing an existing one). On any exception, including a signal, the temporary folder is removed; an OSError
+    (a full disk) is raised as :class:`CheckpointError` naming ``folder``, which is left as it was."""
     folder = os.path.abspath(folder)
     parent, name = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
@@ -195,6 +196,9 @@ def atomic_folder(folder: str) -> Iterator[str]:
         fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {folder}: {e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

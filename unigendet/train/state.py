@@ -178,9 +178,10 @@ class CheckpointManager:
                 atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(meta))
             self._verified.add(name)
             self._write_latest(name)
-        except OSError as e:
+        except (OSError, CheckpointError) as e:
+            cause = e.__cause__ if isinstance(e, CheckpointError) and e.__cause__ is not None else e
             kept = f"; {os.path.join(self.root, previous)} is intact" if previous and previous != name else ""
-            raise CheckpointError(f"could not write checkpoint {final}: {e}{kept}") from e
+            raise CheckpointError(f"could not write checkpoint {final}: {cause}{kept}") from cause
         self.prune()
         return final
 
