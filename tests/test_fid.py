@@ -1,6 +1,7 @@
 """FID: the Fréchet distance against closed forms, preprocessing, and the feature pipeline end to end."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -181,6 +182,7 @@ def _closed_form_fid(a1, a2):
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
 
 
+@pytest.mark.filterwarnings("ignore:loading the TorchScript feature network")
 def test_fid_user_network_end_to_end(tmp_path, tiny_net_path):
     gen = [_rand_image(320, 400, 10 + i) for i in range(12)]
     ref = [
@@ -191,9 +193,11 @@ def test_fid_user_network_end_to_end(tmp_path, tiny_net_path):
     expected = _closed_form_fid(_independent_features(tiny_net_path, gen), _independent_features(tiny_net_path, ref))
     assert expected > 0.01  # the two sets differ
 
-    got = fid_from_folders(tmp_path / "gen", tmp_path / "ref", model_path=tiny_net_path, batch_size=5, progress=False)
+    with pytest.warns(UserWarning, match="runs as code"):
+        got = fid_from_folders(tmp_path / "gen", tmp_path / "ref", model_path=tiny_net_path, batch_size=5,
+                               progress=False, trust_code=True)
     assert got == pytest.approx(expected, rel=1e-4)
-    ext = InceptionFeatureExtractor(tiny_net_path)
+    ext = InceptionFeatureExtractor(tiny_net_path, trust_code=True)
     for method in ("sqrtm", "eigh"):
         got = fid_from_images(gen, ref, extractor=ext, method=method, progress=False)
         assert got == pytest.approx(expected, rel=1e-4)
@@ -207,9 +211,10 @@ def test_fid_user_network_end_to_end(tmp_path, tiny_net_path):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:loading the TorchScript feature network")
 def test_extractor_input_ranges_and_validation(tmp_path, tiny_net_path):
-    pt = InceptionFeatureExtractor(tiny_net_path, input_range="pt")
-    tf = InceptionFeatureExtractor(tiny_net_path, input_range="tf")
+    pt = InceptionFeatureExtractor(tiny_net_path, input_range="pt", trust_code=True)
+    tf = InceptionFeatureExtractor(tiny_net_path, input_range="tf", trust_code=True)
     px = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)
     torch.testing.assert_close(pt.normalise(px).flatten(), torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]))
     torch.testing.assert_close(tf.normalise(px).flatten(), torch.tensor([-1.0, 0.0, 127 / 128]))
@@ -220,7 +225,7 @@ def test_extractor_input_ranges_and_validation(tmp_path, tiny_net_path):
     with pytest.raises(FileNotFoundError, match="model_path"):
         InceptionFeatureExtractor(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="input_range"):
-        InceptionFeatureExtractor(tiny_net_path, input_range="x")
+        InceptionFeatureExtractor(tiny_net_path, input_range="x", trust_code=True)
     with pytest.raises(ValueError, match="no images"):
         fid_from_folders(tmp_path, tmp_path, extractor=pt, progress=False)
 
@@ -263,3 +268,17 @@ def test_bundled_inception_end_to_end(tmp_path):
     assert fid_from_folders(tmp_path / "gen", tmp_path / "ref", extractor=ext, progress=False) == pytest.approx(
         fid, rel=1e-5
     )
+
+
+def test_a_user_torchscript_file_is_refused_without_trust_code(tmp_path, tiny_net_path, monkeypatch):
+    """TorchScript is code: a user-supplied file is never loaded unless the caller opts in (and is then warned)."""
+    loads = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a) or torch.nn.Identity())
+    for call in (lambda: InceptionFeatureExtractor(tiny_net_path),
+                 lambda: fid_from_folders(tmp_path, tmp_path, model_path=tiny_net_path, progress=False)):
+        with pytest.raises(ValueError, match=r"runs its code; pass trust_code=True \(command line: --trust-fid-model"):
+            call()
+    assert loads == []
+    with pytest.warns(UserWarning, match=re.escape(f"loading the TorchScript feature network '{tiny_net_path}'")):
+        InceptionFeatureExtractor(tiny_net_path, trust_code=True)
+    assert len(loads) == 1

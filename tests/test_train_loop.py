@@ -123,8 +123,8 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path):
     assert any(not torch.equal(wa[k], snap[k]) for k in snap if k in trainable)
 
     _run([*torchrun, f"--out-dir={out}", "--stage=gduf", "--gduf.steps=1"])
-    _run([*torchrun, f"--out-dir={out}", "--gduf.steps=2", "--diga.steps=1", "--resume"])
-    _run([*torchrun, f"--out-dir={out}", "--gduf.steps=2", "--diga.steps=2", "--resume"])
+    _run([*torchrun, f"--out-dir={out}", "--gduf.steps=2", "--diga.steps=1", "--resume", "--allow-config-change"])
+    _run([*torchrun, f"--out-dir={out}", "--gduf.steps=2", "--diga.steps=2", "--resume", "--allow-config-change"])
     assert _loss_log(out) == _loss_log(ref)
     wc = load_sharded(str(out / "final"), "model")
     assert all(torch.equal(wc[k], wa[k]) for k in wa)
@@ -137,9 +137,9 @@ def test_resume_continues_exactly(tmp_path):
     """Stop in GDUF and in DIGA, resume each time: losses and weights equal one uninterrupted run bit for bit.
 
     Each stop is a stage run shortened with ``--*.steps`` whose last checkpoint is then continued with the full
-    step count: the checkpoint is written exactly as on a signal (mid-stage, before the stage completes), so
-    this exercises the data position, optimizer, scheduler, EMA, RNG and the DIGA teacher rebuilt from the
-    GDUF snapshot.
+    step count (a configuration change, hence ``allow_config_change``): the checkpoint is written exactly as on a
+    signal (mid-stage, before the stage completes), so this exercises the data position, optimizer, scheduler,
+    EMA, RNG and the DIGA teacher rebuilt from the GDUF snapshot.
     """
     common = ["--seed=5", "--ema=0.5", "--optim.warmup_steps=3", "--save_every=1000"]
     ref = tmp_path / "ref"
@@ -148,10 +148,11 @@ def test_resume_continues_exactly(tmp_path):
 
     out = tmp_path / "interrupted"
     _trainer(out, *common, "--stage=gduf", "--gduf.steps=1").run()
-    t = _trainer(out, *common, "--stage=all", "--gduf.steps=2", "--diga.steps=1", "--resume=true")
+    changed = ["--resume=true", "--allow_config_change=true"]
+    t = _trainer(out, *common, "--stage=all", "--gduf.steps=2", "--diga.steps=1", *changed)
     t.run()
     assert t.history["r1-gduf"]["steps"] == 2
-    last = _trainer(out, *common, "--stage=all", "--gduf.steps=2", "--diga.steps=2", "--resume=true")
+    last = _trainer(out, *common, "--stage=all", "--gduf.steps=2", "--diga.steps=2", *changed)
     last.run()
 
     events = [r["event"] for r in read_jsonl(os.path.join(out, "train.jsonl"))]
@@ -199,7 +200,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_continues(tmp_path):
     assert not unexpected and all(k.startswith("vae.") for k in missing)
     assert not (out / "summary.json").exists()
 
-    _run(_cli(out, "--stage=gduf", f"--gduf.steps={stopped + 1}", "--save_every=1000", "--resume"))
+    _run(_cli(out, "--stage=gduf", f"--gduf.steps={stopped + 1}", "--save_every=1000", "--resume",
+              "--allow-config-change"))
     recs = read_jsonl(os.path.join(out, "train.jsonl"))
     after = recs[[r["event"] for r in recs].index("resume"):]
     assert after[0]["path"] == folder

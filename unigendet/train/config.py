@@ -25,6 +25,7 @@ __all__ = [
     "load_config",
     "preset",
     "PRESETS",
+    "RESUME_MUTABLE",
 ]
 
 
@@ -98,6 +99,8 @@ class TrainConfig:
     timestep_shift: float = 1.0
     out_dir: str = "runs/tiny"
     resume: bool = False
+    #: resume even when the configuration differs from the checkpoint's (the differences are logged)
+    allow_config_change: bool = False
     save_every: int = 50
     keep_last: int = 2
     log_every: int = 1
@@ -148,6 +151,13 @@ def _bagel_7b() -> TrainConfig:
 
 
 PRESETS = {"tiny": _tiny, "bagel-7b-mot": _bagel_7b}
+
+#: Fields that may differ between a run and the checkpoint it resumes without counting as a configuration change:
+#: they steer where and how often the run reports and saves, and the end-of-run outputs, never the training itself.
+RESUME_MUTABLE = frozenset({
+    "resume", "allow_config_change", "out_dir", "save_every", "keep_last", "log_every", "max_nonfinite",
+    "eval_samples", "eval_max_new_tokens", "sample_images", "data.num_workers",
+})
 
 
 def preset(name: str) -> TrainConfig:

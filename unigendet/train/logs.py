@@ -1,13 +1,22 @@
-"""Structured training logs (JSONL) and the loss-curve plots written at the end of a run."""
+"""Structured training logs (JSONL) and the loss-curve plots written at the end of a run.
+
+The log survives faults: a record is appended with one ``write`` on an ``O_APPEND`` descriptor, and a write that
+fails part-way (a full disk) is cut back to the last complete line, counted in :attr:`JsonlLogger.failed` and
+warned about once, without stopping training. A line torn by an earlier crash is closed with a newline before
+the next record is appended, so it cannot swallow it, and :func:`read_jsonl` skips and counts such lines.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 
-__all__ = ["JsonlLogger", "plot_losses", "read_jsonl"]
+__all__ = ["JsonlLogger", "JsonlRecords", "plot_losses", "read_jsonl"]
+
+log = logging.getLogger("unigendet.train")
 
 
 class JsonlLogger:
@@ -16,6 +25,8 @@ class JsonlLogger:
     def __init__(self, path: str, enabled: bool = True):
         self.path = path
         self.enabled = enabled
+        self.failed = 0  # records lost to failed writes
+        self._tail_checked = False
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -29,19 +40,65 @@ class JsonlLogger:
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)
             rec[k] = v
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._append((json.dumps(rec) + "\n").encode("utf-8"))
+
+    def _append(self, data: bytes) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            self._lost(e)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if not self._tail_checked and size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # close a line an earlier crash tore, so it cannot swallow this record
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError as e:
+                self._tail_checked = False  # look at the tail again before the next record
+                try:
+                    os.ftruncate(fd, size)  # never leave half a record behind
+                except OSError:
+                    pass
+                self._lost(e)
+                return
+            self._tail_checked = True
+        finally:
+            os.close(fd)
+
+    def _lost(self, err: OSError) -> None:
+        self.failed += 1
+        if self.failed == 1:
+            log.warning("could not write to %s (%s); log records are being dropped, training continues",
+                        self.path, err)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    out = []
+class JsonlRecords(list):
+    """The records of a JSONL file; :attr:`skipped` counts the lines that were not a JSON object (torn writes)."""
+
+    skipped: int = 0
+
+
+def read_jsonl(path: str) -> JsonlRecords:
+    """Every JSON-object line of ``path`` (none when it does not exist); unreadable lines are skipped and counted."""
+    out = JsonlRecords()
     if not os.path.exists(path):
         return out
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
-            if line:
-                out.append(json.loads(line))
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                out.skipped += 1
     return out
 
 

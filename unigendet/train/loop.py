@@ -19,16 +19,20 @@ mean-normalised losses, the gradients) of ``W`` processes with ``grad_accum = 1`
 sharded in place once; checkpoints, the DIGA teacher, co-evolution sampling and the end-of-run export gather its
 full weights (``unigendet.train.distributed``), so everything after training sees an ordinary model.
 
-Checkpoints (``unigendet.train.state``) hold weights, optimizer, scheduler, EMA, RNG and the data position, and
-``--resume`` continues exactly. SIGTERM/SIGINT save a checkpoint and exit. A non-finite loss skips the step
-(counted); more than ``max_nonfinite`` abort. Progress is a tqdm bar; logs are JSONL; the run ends with loss-curve
-PNGs, a sample grid, held-out detection metrics and ``summary.json``.
+Checkpoints (``unigendet.train.state``) hold weights, optimizer, scheduler, EMA, RNG and the data position, each
+file checksummed, and ``--resume`` continues exactly from the newest intact one (walking back over corrupt ones,
+refusing a changed configuration unless ``allow_config_change``; ``unigendet.train.resume``). SIGTERM/SIGINT stop
+the run at once in every phase, except inside a training step, where they take effect at the end of the step
+with a checkpoint. A non-finite loss skips the step (counted); more than ``max_nonfinite`` abort, and so does a
+checkpoint that would hold non-finite weights (the previous ones are kept). Progress is a tqdm bar; logs are
+JSONL; the run ends with loss-curve PNGs, a sample grid, held-out detection metrics and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -58,7 +62,16 @@ from .distributed import (
 )
 from .flops import project_schedule, train_flops_per_token
 from .logs import JsonlLogger, plot_losses, read_jsonl
-from .state import CheckpointManager, load_sharded, save_sharded
+from .resume import ResumeError, check_resume
+from .state import (
+    CheckpointManager,
+    NonFiniteWeightsError,
+    atomic_write_text,
+    clean_stale_temporaries,
+    load_optimizer_state,
+    load_sharded,
+    save_snapshot,
+)
 
 log = logging.getLogger("unigendet.train")
 
@@ -68,7 +81,9 @@ class TrainingAborted(RuntimeError):
     """Too many non-finite losses (or another unrecoverable training condition)."""
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):
+    # A BaseException, like KeyboardInterrupt: raised from the signal handler anywhere outside a training step, it
+    # must not be swallowed by an ``except Exception`` that skips a bad record.
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")
         self.signum = signum
@@ -118,6 +133,10 @@ class Trainer:
         os.makedirs(self.out_dir, exist_ok=True)
         self.logger = JsonlLogger(os.path.join(self.out_dir, "train.jsonl"), enabled=self.dist.is_main)
         self.ckpt = CheckpointManager(self.out_dir, keep_last=cfg.keep_last)
+        if self.dist.is_main:
+            for path in clean_stale_temporaries(self.out_dir):
+                log.info("removed %s (left by an interrupted save)", path)
+                self.logger.log("stale_temporary_removed", path=path)
         self.amp_dtype = self._amp_dtype()
         self._seed_all(cfg.seed)
         self.tokenizer, self.model = self._build_model()
@@ -125,6 +144,8 @@ class Trainer:
         self.det_records, self.gen_records, self.test_records = self._load_records()
         self.extra_fakes: list = []  # self-generated fakes of earlier rounds
         self.stop_signal: int | None = None
+        self._defer_signals = False  # inside a training step: a signal takes effect at the end of the step
+        self._empty_packs = 0  # packs of this stage that came out empty (all their samples skipped), this rank
         self.nonfinite = 0
         self.global_step = 0
         self.completed: list[str] = []
@@ -240,6 +261,7 @@ class Trainer:
         for batch in it:
             self._next_pack = batch.pack_id[1] + world
             if isinstance(batch, EmptyPack):
+                self._empty_packs += 1
                 continue
             yield batch
 
@@ -301,14 +323,18 @@ class Trainer:
             if ema is not None and resume_state.get("_ema") is not None:
                 for n in ema:
                     ema[n].copy_(shard_like(resume_state["_ema"][n], ema[n]))
+        self._empty_packs = resume_state["empty_packs"][self.dist.rank] if resume_state is not None else 0
         self._next_pack = start_pack + self.dist.rank
         dataset = self._make_dataset(rnd, stage)
         packs = self._iter_packs(dataset, start_pack)
+        if step < scfg.steps:
+            packs = _primed(packs)  # plan up to the resume position here, where a signal stops the run at once
         accum = max(1, cfg.grad_accum)
         bar = tqdm(total=scfg.steps, initial=step, desc=f"round {rnd} {stage.upper()}", disable=not self.progress,
                    dynamic_ncols=True, file=sys.stderr)
         tokens_done, t_start = 0, time.perf_counter()
         self.model.train()
+        self._defer_signals = True  # from here on a signal takes effect at the end of the current step
         while step < scfg.steps:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -378,6 +404,9 @@ class Trainer:
                 bar.close()
                 raise _Interrupted(stop_signal)
         bar.close()
+        self._defer_signals = False
+        if self.stop_signal is not None:  # it came during the stage's last save: that checkpoint is complete
+            raise _Interrupted(self.stop_signal)
         elapsed = time.perf_counter() - t_start
         summary = {"steps": step, "seconds": elapsed, "tokens": tokens_done,
                    "tokens_per_s": tokens_done / max(elapsed, 1e-9)}
@@ -424,15 +453,7 @@ class Trainer:
         """The end-of-GDUF weights: the DIGA teacher is rebuilt from them after a resume."""
         state = self._model_state()  # collective when sharded
         if self.dist.is_main:
-            folder = self._snapshot_dir(rnd)
-            tmp = folder + ".tmp"
-            os.makedirs(tmp, exist_ok=True)
-            save_sharded(state, tmp, "model")
-            if os.path.exists(folder):
-                import shutil
-
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            save_snapshot(state, self._snapshot_dir(rnd))  # atomic and checksummed; load_sharded verifies it
         barrier(self.dist)
 
     def _diga_teacher(self, rnd: int, resuming: bool):
@@ -497,18 +518,19 @@ class Trainer:
         """The weights to save, without the frozen VAE (collective when sharded; full tensors on rank 0)."""
         return {k: v for k, v in full_model_state(self.model).items() if not k.startswith("vae.")}
 
-    def _gather_positions(self) -> list[int]:
-        pos = torch.tensor([self._next_pack], dtype=torch.int64)
+    def _gather_positions(self) -> tuple[list[int], list[int]]:
+        """Every rank's next pack and count of empty packs in this stage."""
+        pos = torch.tensor([self._next_pack, self._empty_packs], dtype=torch.int64)
         if self.dist.distributed:
             import torch.distributed as dist
 
             out = [torch.zeros_like(pos) for _ in range(self.dist.world_size)]
             dist.all_gather(out, pos)
-            return [int(t) for t in out]
-        return [int(pos)]
+            return [int(t[0]) for t in out], [int(t[1]) for t in out]
+        return [int(pos[0])], [int(pos[1])]
 
     def _save(self, rnd, stage, step, opt, sched, ema) -> None:
-        positions = self._gather_positions()
+        positions, empty = self._gather_positions()
         # Gathers are collective when the model is sharded: every rank takes part, rank 0 writes.
         model_state = self._model_state()
         opt_state = full_optimizer_state(self.model, opt)
@@ -519,35 +541,60 @@ class Trainer:
         state = {
             "round": rnd, "stage": stage, "stage_step": step, "global_step": self.global_step,
             "completed": list(self.completed), "history": self.history, "nonfinite": self.nonfinite,
-            "next_pack": positions, "scheduler": sched.state_dict(), "world_size": self.dist.world_size,
+            "next_pack": positions, "empty_packs": empty, "scheduler": sched.state_dict(),
+            "world_size": self.dist.world_size,
             "extra_fakes": [dataclasses.asdict(r) for r in self.extra_fakes],
             "config": config_to_dict(self.cfg),
         }
-        path = self.ckpt.save(step=self.global_step, model_state=model_state, optimizer=opt_state,
-                              trainer_state=state, ema_state=ema)
+        try:
+            path = self.ckpt.save(step=self.global_step, model_state=model_state, optimizer=opt_state,
+                                  trainer_state=state, ema_state=ema)
+        except NonFiniteWeightsError as e:
+            self.logger.log("checkpoint_refused", stage=stage, round=rnd, step=step, reason=str(e))
+            raise TrainingAborted(f"{e}; no checkpoint written, the last good one is "
+                                  f"{self.ckpt.latest() or 'none'}") from None
         self.logger.log("checkpoint", path=path, stage=stage, round=rnd, step=step)
 
     def _load_resume(self) -> dict | None:
-        folder = self.ckpt.latest()
-        if folder is None:
+        """Load the newest intact checkpoint (one log line per corrupt one skipped), after checking it fits this
+        run: its configuration (:func:`config_changes`) and its trainer state (:func:`check_trainer_state`)."""
+        def skipped(folder: str, reason: str) -> None:
+            if self.dist.is_main:
+                log.warning("resume: skipping checkpoint %s: %s", folder, reason)
+            self.logger.log("checkpoint_skipped", path=folder, reason=reason)
+
+        loaded = self.ckpt.load_newest_intact(restore_rng=True, on_skip=skipped)
+        if self.dist.distributed:  # every rank must continue from the same checkpoint
+            import torch.distributed as dist
+
+            mine = -1 if loaded is None else loaded["trainer_state"].get("global_step", -1)
+            t = torch.tensor([mine, -mine], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if int(t[0]) != -int(t[1]):
+                raise ResumeError(f"the processes found different newest intact checkpoints in {self.ckpt.root} "
+                                  f"(global steps {-int(t[1])} to {int(t[0])}); is the folder shared by all?")
+        if loaded is None:
             return None
-        loaded = CheckpointManager.load(folder, None, restore_rng=True)
-        meta = loaded["trainer_state"]
-        if meta.get("world_size", 1) != self.dist.world_size:
-            raise ValueError(f"checkpoint {folder} was written by {meta['world_size']} processes, "
-                             f"this run has {self.dist.world_size}")
+        folder, meta = loaded["folder"], loaded["trainer_state"]
+        for key, old, new in check_resume(meta, self.cfg, self.dist.world_size, folder):  # allowed changes
+            if self.dist.is_main:
+                log.warning("resume: configuration change %s: %r -> %r", key, old, new)
+            self.logger.log("config_change", field=key, checkpoint=old, now=new)
         missing, unexpected = self.model.load_state_dict(loaded["model_state"], strict=False)
         bad = [k for k in missing if not k.startswith("vae.") and "pos_embed" not in k]
         if bad or unexpected:
-            raise ValueError(f"checkpoint {folder} does not match the model (missing {bad[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+            raise ResumeError(f"checkpoint {folder} does not match the model (missing {bad[:5]}, "
+                              f"unexpected {unexpected[:5]})")
         self.global_step = meta["global_step"]
         self.completed = list(meta["completed"])
         self.history = dict(meta["history"])
         self.nonfinite = meta["nonfinite"]
         from unigendet.data import DetectionRecord
 
-        self.extra_fakes = [DetectionRecord(**r) for r in meta.get("extra_fakes", [])]
+        try:
+            self.extra_fakes = [DetectionRecord(**r) for r in meta.get("extra_fakes", [])]
+        except TypeError as e:
+            raise ResumeError(f"{folder}/trainer_state.json: extra_fakes holds a malformed record ({e})") from None
         meta["_folder"] = folder
         meta["_ema"] = loaded["ema_state"]
         self.logger.log("resume", path=folder, global_step=self.global_step)
@@ -584,6 +631,8 @@ class Trainer:
     def _install_signals(self):
         def handler(signum, frame):
             self.stop_signal = signum
+            if not self._defer_signals:  # data planning, loading, the teacher, export, evaluation: stop now
+                raise _Interrupted(signum)
             log.warning("signal %d received: saving a checkpoint after this step", signum)
 
         old = {}
@@ -614,28 +663,30 @@ class Trainer:
                 rs = None
                 if resume is not None and resume["round"] == rnd and resume["stage"] == stage:
                     rs = resume
-                    rs["_optimizer_state"] = _optimizer_state(resume["_folder"])
+                    rs["_optimizer_state"] = load_optimizer_state(resume["_folder"], verify=False)  # just verified
                     resume = None
                 self.run_stage(rnd, stage, rs)
+            summary = {"train_seconds": time.perf_counter() - t0, "stages": self.history,
+                       "nonfinite_steps": self.nonfinite, "global_step": self.global_step}
+            if is_sharded(self.model):
+                # The end-of-run export, evaluation and samples run on rank 0 with a whole copy of the model.
+                state = full_model_state(self.model)
+                if self.dist.is_main:
+                    self.model = self._plain_copy(state)
+            if self.dist.is_main:
+                summary.update(self.finish())
+                atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2))
         except _Interrupted as e:
-            self.logger.log("interrupted", signal=e.signum, checkpoint=self.ckpt.latest())
+            self._defer_signals = True  # a second signal while stopping is only recorded
+            latest = self.ckpt.latest()
+            self.logger.log("interrupted", signal=e.signum, checkpoint=latest)
             if self.dist.is_main:  # rank 0 writes the checkpoints
-                print(f"interrupted by signal {e.signum}; checkpoint saved at {self.ckpt.latest()}", file=sys.stderr)
+                print(f"interrupted by signal {e.signum}; latest checkpoint: {latest or 'none'}", file=sys.stderr)
             raise SystemExit(128 + e.signum) from None
         finally:
+            self._defer_signals = False
             for s, h in old.items():
                 signal.signal(s, h)
-        summary = {"train_seconds": time.perf_counter() - t0, "stages": self.history,
-                   "nonfinite_steps": self.nonfinite, "global_step": self.global_step}
-        if is_sharded(self.model):
-            # The end-of-run export, evaluation and samples run on rank 0 with a whole copy of the model.
-            state = full_model_state(self.model)
-            if self.dist.is_main:
-                self.model = self._plain_copy(state)
-        if self.dist.is_main:
-            summary.update(self.finish())
-            with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
         return summary
 
     # ------------------------------------------------------------------ end of run
@@ -649,6 +700,10 @@ class Trainer:
         self.tokenizer.save(final)
         out["checkpoint"] = final
         records = read_jsonl(self.logger.path)
+        if records.skipped or self.logger.failed:  # torn lines of an earlier crash, records a full disk dropped
+            log.warning("%s: %d unreadable line(s) skipped, %d record(s) of this run could not be written",
+                        self.logger.path, records.skipped, self.logger.failed)
+            out["log_lines_skipped"], out["log_records_lost"] = records.skipped, self.logger.failed
         if plot_losses(records, os.path.join(self.out_dir, "losses.png")):
             out["loss_plot"] = os.path.join(self.out_dir, "losses.png")
         out["throughput"] = self._throughput()
@@ -738,14 +793,13 @@ def lr_multiplier(o: OptimConfig, total_steps: int):
 
 
 def _optimizer_state(folder: str) -> dict:
-    from safetensors.torch import load_file
+    return load_optimizer_state(folder)
 
-    from .state import _optimizer_from_safetensors
 
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        meta = json.load(f)
-    tensors = load_file(os.path.join(folder, "optimizer.safetensors"))
-    return _optimizer_from_safetensors(tensors, meta["optimizer"])
+def _primed(it: Iterator) -> Iterator:
+    """``it`` with its first item already fetched."""
+    first = next(it)
+    return itertools.chain([first], it)
 
 
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
