@@ -67,7 +67,7 @@ def test_bf16_compute_resumes_bit_exactly(tmp_path):
     ref.run()
     out = tmp_path / "interrupted"
     trainer(out, "--stage=gduf", "--gduf.steps=1").run()
-    resumed = trainer(out, "--stage=gduf", "--gduf.steps=3", "--resume=true")
+    resumed = trainer(out, "--stage=gduf", "--gduf.steps=3", "--resume=true", "--allow_config_change=true")
     resumed.run()
     a, b = resumed.model.state_dict(), ref.model.state_dict()
     assert a.keys() == b.keys()
