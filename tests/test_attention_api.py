@@ -130,10 +130,12 @@ def test_ops_registered_with_dispatcher():
     ops = _backend.registered_ops()
     for name in ("varlen_attention", "packed_attention", "smsa_attention"):
         d = ops[name]
-        assert [s.name for s in d.specs] == ["triton", "torch"] and d.example_head_dim == 128
+        assert [s.name for s in d.specs] == ["triton", "sdpa", "torch"] and d.example_head_dim == 128
         info = _backend.CallInfo(device=torch.device("cpu"), dtype=torch.float32, head_dim=128)
-        assert d.select(info, "auto") == "torch"  # auto never picks the interpreter
+        assert d.select(info, "auto") == "sdpa"  # the CPU kernels; auto never picks the interpreter
         assert d.reasons(info)["torch"] == []
+        f64 = _backend.CallInfo(device=torch.device("cpu"), dtype=torch.float64, head_dim=128)
+        assert d.select(f64, "auto") == "torch"  # the only float64 path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ def test_modules():
     assert torch.equal(PackedAttention(softmax_scale=0.5)(q, k, v, layout),
                        packed_attention(q, k, v, layout, softmax_scale=0.5))
     va = VarlenAttention(causal=True, backend="torch")
-    assert torch.equal(va(q, k, v, CU, CU, 6, 6), varlen_attention(q, k, v, CU, CU, 6, 6, causal=True))
+    assert torch.equal(va(q, k, v, CU, CU, 6, 6), varlen_attention(q, k, v, CU, CU, 6, 6, causal=True, backend="torch"))
     assert "causal=True" in repr(va)
     sm = SMSAAttention()
     args = (q, k[:3], v[:3], None, None, k, v, CU, cu([1, 2]), None, cu([5, 5]), 6, 2, 0, 5)

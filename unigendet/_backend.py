@@ -12,6 +12,7 @@ Selection (``UNIGENDET_BACKEND`` or a per-call ``backend=`` argument):
 ``cuda``    the compiled CUDA kernels of ``unigendet._C``.
 ``triton``  the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``).
 ``cpp``     the compiled C++ CPU kernels of ``unigendet._C``.
+``sdpa``    PyTorch's own fused SDPA kernels applied block by block (the attention ops on the CPU).
 ``torch``   the pure-PyTorch reference, which runs everywhere.
 
 An explicit choice that cannot run raises :class:`BackendUnavailableError` listing the reasons of
@@ -44,7 +45,7 @@ __all__ = [
     "triton_version",
 ]
 
-BACKENDS = ("cuda", "triton", "cpp", "torch")
+BACKENDS = ("cuda", "triton", "cpp", "sdpa", "torch")
 ENV_VAR = "UNIGENDET_BACKEND"
 
 

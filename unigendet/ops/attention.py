@@ -428,8 +428,13 @@ def _packed_attention_fwd(q: Tensor, ks: list[Tensor], vs: list[Tensor], q_range
         if all(k is None for k in tks):  # no keys at all: nothing to launch
             return _no_key_outputs(q, vs)
         return attention_triton.packed_attention_fwd_triton(q, tks, tvs, plan, softmax_scale)
+    if backend == "sdpa":
+        from .attention_sdpa import packed_attention_fwd_sdpa
+
+        return packed_attention_fwd_sdpa(q, ks, vs, (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries),
+                                         softmax_scale)
     if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'torch', 'sdpa' or 'triton', got {backend!r}")
     return _reference_fwd(q, ks, vs, q_ranges, kv_ptr, kv_entries, softmax_scale)
 
 
@@ -461,8 +466,13 @@ def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Te
         dks = [torch.zeros_like(k) if d is None else d for d, k in zip(dks, ks)]
         dvs = [torch.zeros_like(v) if d is None else d for d, v in zip(dvs, vs)]
         return dq, dks, dvs
+    if backend == "sdpa":
+        from .attention_sdpa import packed_attention_bwd_sdpa
+
+        return packed_attention_bwd_sdpa(dout, q, ks, vs, out, lse, (q_ranges, kv_ptr, kv_entries, k_segments,
+                                                                     q_ptr, q_entries), softmax_scale)
     if backend != "torch":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'torch', 'sdpa' or 'triton', got {backend!r}")
     return _reference_bwd(dout, q, ks, vs, q_ranges, kv_ptr, kv_entries, softmax_scale)
 
 
@@ -527,10 +537,22 @@ def _specs() -> list[_backend.BackendSpec]:
             description="Triton kernels walking the layout plan (unigendet.ops.attention_triton)",
         ),
         _backend.BackendSpec(
+            name="sdpa", devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            available=_sdpa_available,
+            description="PyTorch's CPU flash-attention kernels, one connected block (sample) per call, masks cached "
+                        "per layout (unigendet.ops.attention_sdpa)",
+        ),
+        _backend.BackendSpec(
             name="torch", devices=("cpu", "cuda"), dtypes=_FLOAT_DTYPES,
             description="pure-PyTorch per-range reference (fp32/fp64 accumulation)",
         ),
     ]
+
+
+def _sdpa_available() -> str | None:
+    from .attention_sdpa import sdpa_unavailable_reason
+
+    return sdpa_unavailable_reason()
 
 
 _OPS = ("varlen_attention", "packed_attention", "smsa_attention")
@@ -643,7 +665,7 @@ def _check_cu_values(name: str, cu: Tensor, total: int, max_seqlen: int, max_nam
 
 
 def _plan_for(layout: AttentionLayout, q: Tensor, backend: str) -> KernelPlan:
-    if backend == "torch":
+    if backend in ("torch", "sdpa"):
         # The reference reads the plan on the host: use the host copy when the layout kept one.
         return layout.host_plan if layout.host_plan is not None else layout.plan
     if layout.plan.device != q.device:
@@ -767,7 +789,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = _scale(softmax_scale, q.shape[-1])
     be = _choose("varlen_attention", q, backend)
     # The reference reads the plan on the host: keep it where cu_seqlens already are.
-    dev = cu_seqlens_q.device if be == "torch" else q.device
+    dev = cu_seqlens_q.device if be in ("torch", "sdpa") else q.device
     plan = varlen_plan_tensors(cu_seqlens_q.to(dev), cu_seqlens_k.to(dev), bool(causal))
     out, lse = _run(q, [k], [v], plan, max_seqlen_q, max_seqlen_k, scale, be, deterministic)
     return (out, lse, None) if return_attn_probs else out
@@ -828,7 +850,7 @@ def smsa_attention(q: Tensor, k_gen: Tensor | None, v_gen: Tensor | None, k_det:
         raise ValueError("at least one key/value source (k_gen, k_det, k_txt) must be given")
     scale = _scale(softmax_scale, q.shape[-1])
     be = _choose("smsa_attention", q, backend)
-    dev = cu_seqlens_q.device if be == "torch" else q.device
+    dev = cu_seqlens_q.device if be in ("torch", "sdpa") else q.device
     cus = [None if cu is None else cu.to(dev) for _, _, _, cu, _ in srcs]
     plan = smsa_plan_tensors(cu_seqlens_q.to(dev), cus)
     empty = q.new_empty((0, hkv, q.shape[-1]))
