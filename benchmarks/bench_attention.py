@@ -325,6 +325,39 @@ def test_varlen(benchmark, shape, provider, mode):
 # --------------------------------------------------------------------------------------------------
 
 
+def smsa_cat_then_ours(cu_q, cus, scale, backend):
+    """SMSA by concatenating each sample's generative, detection and text K/V, then one varlen attention."""
+    offs = [c.tolist() for c in cus]
+    b = len(offs[0]) - 1
+    lens = [offs[0][i + 1] - offs[0][i] + offs[1][i + 1] - offs[1][i] + offs[2][i + 1] - offs[2][i] for i in range(b)]
+    cu_k = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=cu_q.device)
+    cat_layout = AttentionLayout.varlen(cu_q, cu_k, False)
+
+    def fn(q, kg, vg, kd, vd, kt, vt):
+        ks = torch.cat([t[o[i]:o[i + 1]] for i in range(b) for t, o in zip((kg, kd, kt), offs)], 0)
+        vs = torch.cat([t[o[i]:o[i + 1]] for i in range(b) for t, o in zip((vg, vd, vt), offs)], 0)
+        return packed_attention(q, ks, vs, cat_layout, scale, backend=backend)
+    return fn
+
+
+def smsa_reference_code(lq, cus, h, hkv, scale):
+    """The public code's SMSA: per sample, concatenate the three K/V groups, repeat the K/V heads, SDPA."""
+    offs = [c.tolist() for c in cus]
+    starts = [sum(lq[:i]) for i in range(len(lq))]
+
+    def fn(q, kg, vg, kd, vd, kt, vt):
+        outs = []
+        for i, s0 in enumerate(starts):
+            qs = q[s0:s0 + lq[i]].transpose(0, 1).unsqueeze(0)
+            ks = torch.cat([t[o[i]:o[i + 1]] for t, o in zip((kg, kd, kt), offs)], 0)
+            vs = torch.cat([t[o[i]:o[i + 1]] for t, o in zip((vg, vd, vt), offs)], 0)
+            ks = ks.repeat_interleave(h // hkv, 1).transpose(0, 1).unsqueeze(0)
+            vs = vs.repeat_interleave(h // hkv, 1).transpose(0, 1).unsqueeze(0)
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).squeeze(0).transpose(0, 1))
+        return torch.cat(outs, 0)
+    return fn
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", ["ours", "cat+ours", "reference-code"])
@@ -354,28 +387,9 @@ def test_smsa(benchmark, provider, mode):
                                   max(lens["det"]), max(lens["txt"]), scale, backend="triton")
     elif provider == "cat+ours":
         pytest.importorskip("triton")
-        per = [[lens["gen"][i], lens["det"][i], lens["txt"][i]] for i in range(b)]
-        cu_k = cu([sum(p) for p in per])
-        cat_layout = AttentionLayout.varlen(cu_q, cu_k, False)
-        offs = [c.tolist() for c in cus]
-
-        def fn(q, kg, vg, kd, vd, kt, vt):
-            ks = torch.cat([t[o[i]:o[i + 1]] for i in range(b) for t, o in zip((kg, kd, kt), offs)], 0)
-            vs = torch.cat([t[o[i]:o[i + 1]] for i in range(b) for t, o in zip((vg, vd, vt), offs)], 0)
-            return packed_attention(q, ks, vs, cat_layout, scale, backend="triton")
+        fn = smsa_cat_then_ours(cu_q, cus, scale, "triton")
     else:
-        offs = [c.tolist() for c in cus]
-
-        def fn(q, kg, vg, kd, vd, kt, vt):
-            outs = []
-            for i in range(b):
-                qs = q[i * 1371:(i + 1) * 1371].transpose(0, 1).unsqueeze(0)
-                ks = torch.cat([t[o[i]:o[i + 1]] for t, o in zip((kg, kd, kt), offs)], 0)
-                vs = torch.cat([t[o[i]:o[i + 1]] for t, o in zip((vg, vd, vt), offs)], 0)
-                ks = ks.repeat_interleave(h // hkv, 1).transpose(0, 1).unsqueeze(0)
-                vs = vs.repeat_interleave(h // hkv, 1).transpose(0, 1).unsqueeze(0)
-                outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).squeeze(0).transpose(0, 1))
-            return torch.cat(outs, 0)
+        fn = smsa_reference_code(lq, cus, h, hkv, scale)
     benchmark.extra_info.update(visible_pairs=pairs)
     _bench(benchmark, fn, (q, *kv), attention_flops(pairs, h, d, "fwd"), mode, device)
 

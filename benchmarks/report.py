@@ -171,16 +171,10 @@ def time_fn(fn, device, *, warmup: int = 2, min_reps: int = 3, max_reps: int = 3
 
 
 def peak_memory(fn, device) -> int | None:
-    import torch
+    """Peak device memory of one call of ``fn`` above what was allocated before (CUDA only)."""
+    from conftest import peak_memory_bytes
 
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return int(torch.cuda.max_memory_allocated() - base)
+    return peak_memory_bytes(fn, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -631,39 +625,10 @@ def _attention_fn(provider: str, w: dict, device):
                                                                       deterministic=det, backend=backend)
         return lambda q, k, v: packed_attention(q, k, v, layout, scale, deterministic=det, backend=backend)
     if provider == "cat+ours":
-        lgen, lq, ltxt = w["lens"]
-        b = len(lq)
-        cu_k = _cu([lgen[i] + lq[i] + ltxt[i] for i in range(b)], device)
-        from unigendet.ops import AttentionLayout
-
-        cat_layout = AttentionLayout.varlen(w["cu_q"], cu_k, False, total_q=sum(lq),
-                                            total_k=sum(lgen) + sum(lq) + sum(ltxt), max_seqlen_q=max(lq),
-                                            max_seqlen_k=max(lgen[i] + lq[i] + ltxt[i] for i in range(b)))
-        offs = [c.tolist() for c in w["cus"]]
-        be = "triton" if device.type == "cuda" else "torch"
-
-        def run(q, kg, vg, kd, vd, kt, vt):
-            ks = torch.cat([t[o[i]:o[i + 1]] for i in range(b) for t, o in zip((kg, kd, kt), offs)], 0)
-            vs = torch.cat([t[o[i]:o[i + 1]] for i in range(b) for t, o in zip((vg, vd, vt), offs)], 0)
-            return packed_attention(q, ks, vs, cat_layout, scale, backend=be)
-        return run
+        return ba.smsa_cat_then_ours(w["cu_q"], w["cus"], scale, "triton" if device.type == "cuda" else "torch")
     if provider == "reference-code":
         if kind == "smsa":
-            offs = [c.tolist() for c in w["cus"]]
-            lq = w["lq"]
-            starts = [sum(lq[:i]) for i in range(len(lq))]
-
-            def run(q, kg, vg, kd, vd, kt, vt):
-                outs = []
-                for i, s0 in enumerate(starts):
-                    qs = q[s0:s0 + lq[i]].transpose(0, 1).unsqueeze(0)
-                    ks = torch.cat([t[o[i]:o[i + 1]] for t, o in zip((kg, kd, kt), offs)], 0)
-                    vs = torch.cat([t[o[i]:o[i + 1]] for t, o in zip((vg, vd, vt), offs)], 0)
-                    ks = ks.repeat_interleave(h // hkv, 1).transpose(0, 1).unsqueeze(0)
-                    vs = vs.repeat_interleave(h // hkv, 1).transpose(0, 1).unsqueeze(0)
-                    outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).squeeze(0).transpose(0, 1))
-                return torch.cat(outs, 0)
-            return run
+            return ba.smsa_reference_code(w["lq"], w["cus"], h, hkv, scale)
         masks = ba.reference_code_masks(w["samples"], device, w["q"].dtype)
         return lambda q, k, v: ba.reference_code_attention(q, k, v, masks, scale)
     if provider == "flex":

@@ -29,37 +29,24 @@ std::tuple<at::Tensor, at::Tensor> diga_loss_fwd_cpu(const at::Tensor& student, 
                                                      const at::Tensor& table, bool save_coef) {
   const char* op = "diga_loss_fwd";
   TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
-  Inputs r = prepare(op, student, teacher, table);
-  const int64_t n = r.rows.n_tokens;
-  at::Tensor loss = at::empty({n}, r.student.options().dtype(at::kFloat));
-  at::Tensor coef = at::empty({save_coef ? n : 0, diga::kCoefCols}, r.student.options().dtype(at::kFloat));
-  diga::FwdParams p;
-  p.rows = r.rows;
-  p.loss = loss.data_ptr<float>();
-  p.coef = save_coef ? coef.data_ptr<float>() : nullptr;
-  at::parallel_for(0, n, grain(r.rows.dim),
-                   [&](int64_t begin, int64_t end) { diga::diga_loss_fwd_cpu(r.dtype, p, begin, end); });
-  return {loss, coef};
+  const Inputs r = prepare(op, student, teacher, table);
+  Forward f = forward_outputs(r, save_coef);
+  at::parallel_for(0, r.rows.n_tokens, grain(r.rows.dim),
+                   [&](int64_t begin, int64_t end) { diga::diga_loss_fwd_cpu(r.dtype, f.params, begin, end); });
+  return {f.loss, f.coef};
 }
 
 at::Tensor diga_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                              const at::Tensor& table, const at::Tensor& coef) {
   const char* op = "diga_loss_bwd";
   TORCH_CHECK_VALUE(student.device().is_cpu(), op, " (CPU): student is on ", student.device());
-  Inputs r = prepare(op, student, teacher, table);
+  const Inputs r = prepare(op, student, teacher, table);
   check_backward(op, r, coef, grad_loss);
-  const at::Tensor gl = grad_loss.contiguous();
-  at::Tensor grad = at::empty({r.rows.n_tokens, r.rows.dim}, r.student.options());
-  if (grad.numel() == 0) return grad;
-  diga::BwdParams p;
-  p.rows = r.rows;
-  p.coef = coef.data_ptr<float>();
-  p.grad_loss = gl.data_ptr<float>();
-  p.grad_loss_stride = gl.dim() == 0 ? 0 : 1;
-  p.grad = grad.data_ptr();
+  Backward b = backward_outputs(r, grad_loss, coef);
+  if (b.grad.numel() == 0) return b.grad;
   at::parallel_for(0, r.rows.n_tokens, grain(r.rows.dim),
-                   [&](int64_t begin, int64_t end) { diga::diga_loss_bwd_cpu(r.dtype, p, begin, end); });
-  return grad;
+                   [&](int64_t begin, int64_t end) { diga::diga_loss_bwd_cpu(r.dtype, b.params, begin, end); });
+  return b.grad;
 }
 
 }  // namespace

@@ -92,5 +92,40 @@ inline void check_backward(const char* op, const Inputs& r, const at::Tensor& co
                     ": coef and grad_loss must be on the student's device ", r.student.device());
 }
 
+// The outputs of a forward call and the kernel parameters pointing at them.
+struct Forward {
+  at::Tensor loss, coef;
+  diga::FwdParams params;
+};
+
+inline Forward forward_outputs(const Inputs& r, bool save_coef) {
+  const int64_t n = r.rows.n_tokens;
+  Forward f;
+  f.loss = at::empty({n}, r.student.options().dtype(at::kFloat));
+  f.coef = at::empty({save_coef ? n : 0, diga::kCoefCols}, r.student.options().dtype(at::kFloat));
+  f.params.rows = r.rows;
+  f.params.loss = f.loss.data_ptr<float>();
+  f.params.coef = save_coef ? f.coef.data_ptr<float>() : nullptr;
+  return f;
+}
+
+// The gradient of a backward call and the kernel parameters (the incoming gradient made contiguous).
+struct Backward {
+  at::Tensor grad, grad_loss;
+  diga::BwdParams params;
+};
+
+inline Backward backward_outputs(const Inputs& r, const at::Tensor& grad_loss, const at::Tensor& coef) {
+  Backward b;
+  b.grad_loss = grad_loss.contiguous();
+  b.grad = at::empty({r.rows.n_tokens, r.rows.dim}, r.student.options());
+  b.params.rows = r.rows;
+  b.params.coef = coef.data_ptr<float>();
+  b.params.grad_loss = b.grad_loss.data_ptr<float>();
+  b.params.grad_loss_stride = b.grad_loss.dim() == 0 ? 0 : 1;
+  b.params.grad = b.grad.numel() ? b.grad.data_ptr() : nullptr;
+  return b;
+}
+
 }  // namespace diga_torch
 }  // namespace unigendet

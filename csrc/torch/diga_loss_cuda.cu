@@ -27,17 +27,11 @@ std::tuple<at::Tensor, at::Tensor> diga_loss_fwd_cuda(const at::Tensor& student,
   const char* op = "diga_loss_fwd";
   TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
   const c10::DeviceGuard guard(student.device());
-  Inputs r = prepare(op, student, teacher, table);
-  const int64_t n = r.rows.n_tokens;
-  at::Tensor loss = at::empty({n}, r.student.options().dtype(at::kFloat));
-  at::Tensor coef = at::empty({save_coef ? n : 0, diga::kCoefCols}, r.student.options().dtype(at::kFloat));
-  diga::FwdParams p;
-  p.rows = r.rows;
-  p.loss = loss.data_ptr<float>();
-  p.coef = save_coef ? coef.data_ptr<float>() : nullptr;
-  const cudaError_t err = diga::diga_loss_fwd_cuda(r.dtype, p, current_stream(r.student));
+  const Inputs r = prepare(op, student, teacher, table);
+  Forward f = forward_outputs(r, save_coef);
+  const cudaError_t err = diga::diga_loss_fwd_cuda(r.dtype, f.params, current_stream(r.student));
   TORCH_CHECK(err == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(err));
-  return {loss, coef};
+  return {f.loss, f.coef};
 }
 
 at::Tensor diga_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
@@ -45,20 +39,13 @@ at::Tensor diga_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& stu
   const char* op = "diga_loss_bwd";
   TORCH_CHECK_VALUE(student.is_cuda(), op, " (CUDA): student is on ", student.device());
   const c10::DeviceGuard guard(student.device());
-  Inputs r = prepare(op, student, teacher, table);
+  const Inputs r = prepare(op, student, teacher, table);
   check_backward(op, r, coef, grad_loss);
-  const at::Tensor gl = grad_loss.contiguous();
-  at::Tensor grad = at::empty({r.rows.n_tokens, r.rows.dim}, r.student.options());
-  if (grad.numel() == 0) return grad;
-  diga::BwdParams p;
-  p.rows = r.rows;
-  p.coef = coef.data_ptr<float>();
-  p.grad_loss = gl.data_ptr<float>();
-  p.grad_loss_stride = gl.dim() == 0 ? 0 : 1;
-  p.grad = grad.data_ptr();
-  const cudaError_t err = diga::diga_loss_bwd_cuda(r.dtype, p, current_stream(r.student));
+  Backward b = backward_outputs(r, grad_loss, coef);
+  if (b.grad.numel() == 0) return b.grad;
+  const cudaError_t err = diga::diga_loss_bwd_cuda(r.dtype, b.params, current_stream(r.student));
   TORCH_CHECK(err == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(err));
-  return grad;
+  return b.grad;
 }
 
 }  // namespace

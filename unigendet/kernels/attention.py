@@ -151,6 +151,30 @@ def _store_cols(base, rows, row_stride, x, row_mask, OFF: tl.constexpr, BD: tl.c
 
 
 @triton.jit
+def _load_head(base, rows, row_stride, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Both column blocks of the rows ``base + rows * row_stride`` (the second is the first when D1 == 0)."""
+    x0 = _load_cols(base, rows, row_stride, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        x1 = _load_cols(base, rows, row_stride, D0, D1, HEAD_DIM)
+    else:
+        x1 = x0
+    return x0, x1
+
+
+@triton.jit
+def _load_entry(KvEntries, e, K0, V0, K1, V1, K2, V2, kv_col, NUM_SOURCES: tl.constexpr):
+    """Entry ``e`` of the plan: its key range, diagonal, causal flag and its source's K/V bases at ``kv_col``."""
+    k_start = tl.load(KvEntries + 4 * e)
+    k_end = tl.load(KvEntries + 4 * e + 1)
+    diag = tl.load(KvEntries + 4 * e + 2)
+    flags = tl.load(KvEntries + 4 * e + 3)
+    src = flags >> 1
+    kb = _select_source(src, K0, K1, K2, NUM_SOURCES) + kv_col
+    vb = _select_source(src, V0, V1, V2, NUM_SOURCES) + kv_col
+    return k_start, k_end, diag, flags & 1, kb, vb
+
+
+@triton.jit
 def _select_source(src, P0, P1, P2, NUM_SOURCES: tl.constexpr):
     """Base pointer of source ``src`` (a runtime scalar) among up to three same-typed tensors."""
     p = P0
@@ -279,11 +303,7 @@ def _packed_attention_fwd_kernel(
     # address is a 64-bit scalar base plus small int32 offsets.
     rel_m = tl.minimum(tl.arange(0, BLOCK_M), q_end - 1 - m_start)
     q_base = Q + (m_start.to(tl.int64) * q_stride + h * HEAD_DIM)
-    q0 = _load_cols(q_base, rel_m, q_stride, 0, D0, HEAD_DIM)
-    if D1 > 0:
-        q1 = _load_cols(q_base, rel_m, q_stride, D0, D1, HEAD_DIM)
-    else:
-        q1 = q0
+    q0, q1 = _load_head(q_base, rel_m, q_stride, D0, D1, HEAD_DIM)
     m_last = tl.minimum(m_start + BLOCK_M, q_end) - 1
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -296,14 +316,7 @@ def _packed_attention_fwd_kernel(
     e_lo = tl.load(KvPtr + r)
     e_hi = tl.load(KvPtr + r + 1)
     for e in range(e_lo, e_hi):
-        k_start = tl.load(KvEntries + 4 * e)
-        k_end = tl.load(KvEntries + 4 * e + 1)
-        diag = tl.load(KvEntries + 4 * e + 2)
-        flags = tl.load(KvEntries + 4 * e + 3)
-        causal = flags & 1
-        src = flags >> 1
-        kb = _select_source(src, K0, K1, K2, NUM_SOURCES) + kv_col
-        vb = _select_source(src, V0, V1, V2, NUM_SOURCES) + kv_col
+        k_start, k_end, diag, causal, kb, vb = _load_entry(KvEntries, e, K0, V0, K1, V1, K2, V2, kv_col, NUM_SOURCES)
         mid, hi = _entry_bounds(k_start, k_end, diag, causal, m_start, m_last, BLOCK_N)
         acc0, acc1, l_i, m_i = _fwd_inner(
             acc0, acc1, l_i, m_i, q0, q1, kb, vb, KD0, KD1, VD0, VD1, kv_col, offs_m, k_start, mid, k_end, diag,
@@ -414,14 +427,8 @@ def _packed_attention_bwd_dq_kernel(
     # Rows past the range read its last row (see the forward); lse = +inf for them below, so P = 0.
     rel_m = tl.minimum(tl.arange(0, BLOCK_M), q_end - 1 - m_start)
     base = m_start.to(tl.int64) * q_stride + h * HEAD_DIM
-    q0 = _load_cols(Q + base, rel_m, q_stride, 0, D0, HEAD_DIM)
-    do0 = _load_cols(DOut + base, rel_m, q_stride, 0, D0, HEAD_DIM)
-    if D1 > 0:
-        q1 = _load_cols(Q + base, rel_m, q_stride, D0, D1, HEAD_DIM)
-        do1 = _load_cols(DOut + base, rel_m, q_stride, D0, D1, HEAD_DIM)
-    else:
-        q1 = q0
-        do1 = do0
+    q0, q1 = _load_head(Q + base, rel_m, q_stride, D0, D1, HEAD_DIM)
+    do0, do1 = _load_head(DOut + base, rel_m, q_stride, D0, D1, HEAD_DIM)
     lse = tl.load(Lse + h.to(tl.int64) * total_q + offs_m, mask=m_mask, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + h.to(tl.int64) * total_q + offs_m, mask=m_mask, other=0.0)
@@ -433,14 +440,7 @@ def _packed_attention_bwd_dq_kernel(
     e_lo = tl.load(KvPtr + r)
     e_hi = tl.load(KvPtr + r + 1)
     for e in range(e_lo, e_hi):
-        k_start = tl.load(KvEntries + 4 * e)
-        k_end = tl.load(KvEntries + 4 * e + 1)
-        diag = tl.load(KvEntries + 4 * e + 2)
-        flags = tl.load(KvEntries + 4 * e + 3)
-        causal = flags & 1
-        src = flags >> 1
-        kb = _select_source(src, K0, K1, K2, NUM_SOURCES) + kv_col
-        vb = _select_source(src, V0, V1, V2, NUM_SOURCES) + kv_col
+        k_start, k_end, diag, causal, kb, vb = _load_entry(KvEntries, e, K0, V0, K1, V1, K2, V2, kv_col, NUM_SOURCES)
         mid, hi = _entry_bounds(k_start, k_end, diag, causal, m_start, m_last, BLOCK_N)
         dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, kb, vb, offs_m, k_start, mid, k_end, diag,
                              causal, kv_stride, qk_scale, HEAD_DIM, D0, D1, BLOCK_N, False, INPUT_PRECISION)
@@ -561,14 +561,8 @@ def _packed_attention_bwd_dkdv_kernel(
     kv_base = n_start.to(tl.int64) * kv_stride + kvh * HEAD_DIM
     kb = _select_source(src, K0, K1, K2, NUM_SOURCES) + kv_base
     vb = _select_source(src, V0, V1, V2, NUM_SOURCES) + kv_base
-    k0 = _load_cols(kb, rel_n, kv_stride, 0, D0, HEAD_DIM)
-    v0 = _load_cols(vb, rel_n, kv_stride, 0, D0, HEAD_DIM)
-    if D1 > 0:
-        k1 = _load_cols(kb, rel_n, kv_stride, D0, D1, HEAD_DIM)
-        v1 = _load_cols(vb, rel_n, kv_stride, D0, D1, HEAD_DIM)
-    else:
-        k1 = k0
-        v1 = v0
+    k0, k1 = _load_head(kb, rel_n, kv_stride, D0, D1, HEAD_DIM)
+    v0, v1 = _load_head(vb, rel_n, kv_stride, D0, D1, HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)

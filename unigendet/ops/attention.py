@@ -196,24 +196,19 @@ def _blocks(qr, ptr, ents):
     return [(sorted(rs), sorted(pcs)) for rs, pcs in blocks.values()]
 
 
-def _block_dense(q, ks, vs, qr, ptr, ents, ranges, pieces, cdt):
-    """Gathered queries (Lq, H, D), keys/values (Hkv, Lk, D) and the visibility mask (Lq, Lk) of one block,
-    or None when its score matrix is larger than ``_REF_DENSE_ELEMS``. ``rows``/``cols`` give each range's row
-    offset and each piece's column offset in the gathered tensors."""
-    lq = sum(qr[r][1] - qr[r][0] for r in ranges)
-    lk = sum(k1 - k0 for _, k0, k1 in pieces)
-    if q.shape[1] * lq * lk > _REF_DENSE_ELEMS:
-        return None
+def _block_mask(qr, ptr, ents, ranges, pieces, device=None):
+    """The visibility mask (Lq, Lk) of one block with its queries (the ranges, in order) as rows and its key
+    pieces as columns; also ``rows`` (range -> row offset) and ``cols`` ([(src, k0, k1, column offset)])."""
     rows, off = {}, 0
     for r in ranges:
         rows[r] = off
         off += qr[r][1] - qr[r][0]
+    lq = off
     cols, off = [], 0
     for src, k0, k1 in pieces:
         cols.append((src, k0, k1, off))
         off += k1 - k0
-    dev = q.device
-    vis = torch.zeros(lq, lk, dtype=torch.bool, device=dev)
+    vis = torch.zeros(lq, off, dtype=torch.bool, device=device)
     for r in ranges:
         qs, qe = qr[r]
         r0 = rows[r]
@@ -224,10 +219,26 @@ def _block_dense(q, ks, vs, qr, ptr, ents, ranges, pieces, cdt):
             c0 = next(c + k0 - a for s_, a, b, c in cols if s_ == src and a <= k0 and k1 <= b)
             if flags & 1:
                 vis[r0:r0 + qe - qs, c0:c0 + k1 - k0] = (
-                    torch.arange(k0, k1, device=dev).unsqueeze(0) - torch.arange(qs, qe, device=dev).unsqueeze(1)
+                    torch.arange(k0, k1, device=device).unsqueeze(0) - torch.arange(qs, qe, device=device).unsqueeze(1)
                 ) <= diag
             else:
                 vis[r0:r0 + qe - qs, c0:c0 + k1 - k0] = True
+    return vis, rows, cols
+
+
+def _block_too_large(h: int, qr, ranges, pieces) -> bool:
+    lq = sum(qr[r][1] - qr[r][0] for r in ranges)
+    lk = sum(k1 - k0 for _, k0, k1 in pieces)
+    return h * lq * lk > _REF_DENSE_ELEMS
+
+
+def _block_dense(q, ks, vs, qr, ptr, ents, ranges, pieces, cdt):
+    """Gathered queries (Lq, H, D), keys/values (Hkv, Lk, D) and the visibility mask (Lq, Lk) of one block,
+    or None when its score matrix is larger than ``_REF_DENSE_ELEMS``. ``rows``/``cols`` give each range's row
+    offset and each piece's column offset in the gathered tensors."""
+    if _block_too_large(q.shape[1], qr, ranges, pieces):
+        return None
+    vis, rows, cols = _block_mask(qr, ptr, ents, ranges, pieces, q.device)
     qb = torch.cat([q[qr[r][0]:qr[r][1]] for r in ranges]).to(cdt)
     kb = torch.cat([ks[src][k0:k1] for src, k0, k1 in pieces]).to(cdt).transpose(0, 1)
     vb = torch.cat([vs[src][k0:k1] for src, k0, k1 in pieces]).to(cdt).transpose(0, 1)

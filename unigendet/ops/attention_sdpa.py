@@ -72,33 +72,13 @@ def _plan_blocks(plan_tensors, num_heads: int):
     qr, ptr, ents = (t.tolist() for t in plan_tensors[:3])
     blocks = []
     for ranges, pieces in A._blocks(qr, ptr, ents):
-        lq = sum(qr[r][1] - qr[r][0] for r in ranges)
-        lk = sum(k1 - k0 for _, k0, k1 in pieces)
-        if num_heads * lq * lk > A._REF_DENSE_ELEMS:
+        if A._block_too_large(num_heads, qr, ranges, pieces):
             blocks = None
             break
-        cols, off = [], 0
-        for src, k0, k1 in pieces:
-            cols.append((src, k0, k1, off))
-            off += k1 - k0
-        vis = torch.zeros(lq, lk, dtype=torch.bool)
-        row, idx = 0, []
-        for r in ranges:
-            qs, qe = qr[r]
-            for k0, k1, diag, flags in ents[ptr[r]:ptr[r + 1]]:
-                if k1 <= k0:
-                    continue
-                src = flags >> 1
-                c0 = next(c + k0 - a for s_, a, b, c in cols if s_ == src and a <= k0 and k1 <= b)
-                if flags & 1:
-                    vis[row:row + qe - qs, c0:c0 + k1 - k0] = (
-                        torch.arange(k0, k1).unsqueeze(0) - torch.arange(qs, qe).unsqueeze(1)) <= diag
-                else:
-                    vis[row:row + qe - qs, c0:c0 + k1 - k0] = True
-            idx.append(torch.arange(qs, qe))
-            row += qe - qs
-        mask = torch.zeros(lq, lk).masked_fill_(~vis, float("-inf"))
-        blocks.append(_Block(torch.cat(idx), pieces, mask))
+        vis, _, _ = A._block_mask(qr, ptr, ents, ranges, pieces)
+        mask = torch.zeros(vis.shape).masked_fill_(~vis, float("-inf"))
+        q_idx = torch.cat([torch.arange(qr[r][0], qr[r][1]) for r in ranges])
+        blocks.append(_Block(q_idx, pieces, mask))
     if hit is None or hit[0]() is not q_ranges:
         weakref.finalize(q_ranges, _CACHE.pop, id(q_ranges), None)
     _CACHE[id(q_ranges)] = (weakref.ref(q_ranges), key, blocks)
