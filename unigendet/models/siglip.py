@@ -17,16 +17,24 @@ from torch import nn
 
 from .config import ViTConfig
 
-__all__ = ["SiglipVisionModel", "VarlenAttnFn", "conv_patch_weight_to_linear"]
+__all__ = ["SiglipVisionModel", "VarlenAttnFn", "conv_patch_weight_to_linear", "varlen_attention_of_batch"]
 
 # varlen_attn_fn(q, k, v (T, H, D), cu_seqlens int32 (B+1,), max_seqlen int) -> (T, H, D)
 VarlenAttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def _default_varlen_attn(q, k, v, cu_seqlens, max_seqlen):
-    from unigendet.ops import varlen_attention
+def varlen_attention_of_batch(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> VarlenAttnFn:
+    """The default attention of a batch of images: one varlen layout built once (no host synchronisation: the
+    totals are given) and reused by every layer."""
+    from unigendet.ops import AttentionLayout, packed_attention
 
-    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
+    layout = AttentionLayout.varlen(cu_seqlens, cu_seqlens, False, total_q=total, total_k=total,
+                                    max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+
+    def attn(q, k, v, cu_seqlens, max_seqlen):
+        return packed_attention(q, k, v, layout)
+
+    return attn
 
 
 def conv_patch_weight_to_linear(weight: torch.Tensor) -> torch.Tensor:
@@ -131,7 +139,7 @@ class SiglipVisionModel(nn.Module):
             position_ids: (T,) int64 ``row * max_patches_per_side + col``.
             cu_seqlens: (n_img + 1,) int32 cumulative token counts per image.
             max_seqlen: host int, the largest image token count.
-            attn_fn: varlen attention (default ``unigendet.ops.varlen_attention``, non-causal).
+            attn_fn: varlen attention (default: :func:`varlen_attention_of_batch`, non-causal, one layout per call).
         Returns:
             (T, hidden) post-layernormed features.
         """
@@ -140,7 +148,7 @@ class SiglipVisionModel(nn.Module):
             raise ValueError(f"patches must be (T, {cfg.patch_dim}), got {tuple(patches.shape)}")
         if position_ids.shape != patches.shape[:1]:
             raise ValueError(f"position_ids must be ({patches.shape[0]},), got {tuple(position_ids.shape)}")
-        attn_fn = attn_fn or _default_varlen_attn
+        attn_fn = attn_fn or varlen_attention_of_batch(cu_seqlens, max_seqlen, patches.shape[0])
         vm = self.vision_model
         x = vm.embeddings(patches.to(vm.embeddings.patch_embedding.weight.dtype), position_ids)
         for layer in vm.encoder.layers:

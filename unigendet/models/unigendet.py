@@ -45,12 +45,6 @@ def _packed_attn(layout):
     return attn
 
 
-def _varlen_attn(q, k, v, cu_seqlens, max_seqlen):
-    from unigendet.ops import varlen_attention
-
-    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=False)
-
-
 class UniGenDet(nn.Module):
     """BAGEL MoT backbone with SigLIP understanding, FLUX-latent generation and the UniGenDet heads.
 
@@ -194,7 +188,7 @@ class UniGenDet(nn.Module):
     def embed_vit(self, batch) -> torch.Tensor:
         """SigLIP -> connector -> + fixed 2-D position table, for the batch's ViT tokens (n_vit, hidden)."""
         feats = self.vit_model(
-            batch.vit_patches, batch.vit_position_ids, batch.vit_cu_seqlens, batch.vit_max_seqlen, _varlen_attn
+            batch.vit_patches, batch.vit_position_ids, batch.vit_cu_seqlens, batch.vit_max_seqlen
         )
         return self.connector(feats) + self.vit_pos_embed(batch.vit_position_ids).to(feats.dtype)
 
