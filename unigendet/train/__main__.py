@@ -117,14 +117,27 @@ def _leftover(rest: list[str]) -> list[str]:
     return [tok if "=" in tok else f"{tok}=true" for tok in rest]
 
 
-def parse(argv: list[str]):
-    """``(TrainConfig, progress)`` from the command line; raises ``UsageError`` / ``ValueError`` on bad input."""
+def _parse_args(argv: list[str]):
     p = build_parser()
     args, rest = p.parse_known_args(_normalise(list(argv), p))
-    ns = vars(args)
-    overrides = [f"--{k}={v}" for k, v in ns.items() if k not in ("config", "no_progress", "debug")]
-    overrides += _leftover(rest)
+    overrides = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("config", "no_progress", "debug")]
+    return args, overrides + _leftover(rest)
+
+
+def parse(argv: list[str]):
+    """``(TrainConfig, progress)`` from the command line; raises ``UsageError`` / ``ValueError`` on bad input."""
+    args, overrides = _parse_args(argv)
     return load_config(args.config, overrides), not args.no_progress
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+    """TrainConfig options in any accepted spelling (``--lr 3e-4``, ``--out-dir=x``) as ``--key=value`` strings,
+    for commands that pass them on to :func:`load_config` (``python -m unigendet.ablate``)."""
+    args, overrides = _parse_args(argv)
+    if args.config != "tiny" or args.no_progress:
+        raise UsageError(f"unexpected argument {args.config!r}" if args.config != "tiny" else
+                         "--no-progress is an option of this command, not of the training runs")
+    return overrides
 
 
 def _main(argv) -> int:
