@@ -37,6 +37,16 @@ def add_debug_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="print the Python traceback of an error")
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced after set-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 #: Third-party loggers that log routine INFO lines (font caches, tokenizer choices) at import or first use.
 _NOISY = ("matplotlib", "PIL", "absl", "fontTools", "h5py", "urllib3", "filelock", "httpx", "huggingface_hub")
 
@@ -51,7 +61,7 @@ def configure_logging(level: int = logging.INFO) -> None:
         level = getattr(logging, env.upper(), level)
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
