@@ -40,7 +40,8 @@ NAME = "unigendet.evaluate"
 
 def _add_out_arg(p) -> None:
     p.add_argument("--out", "--out-dir", dest="out", default=None,
-                   help="report folder (default: eval/ in the checkpoint's run folder, see above)")
+                   help="report folder (default: eval/ in the checkpoint's training run folder, e.g. runs/tiny/eval "
+                        "for runs/tiny/final; else CHECKPOINT/eval)")
 
 
 def build_parser() -> CommandParser:
@@ -131,6 +132,8 @@ def run_det(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     check_detection_args(args)
+    if args.css_model is not None and not os.path.isdir(args.css_model):
+        raise UsageError(f"--css-model {args.css_model}: no such folder (a local sentence-embedding model)")
     root = _fakeclue_root(args.data)
     split_json = os.path.join(root, "data_json", f"{args.split}.json")
     if not os.path.isfile(split_json):
@@ -190,6 +193,7 @@ def run_gen(args) -> int:
         check_detection_args(args)
     info = check_model_args(args)
     check_generation_args(args, info)
+    args.prompt_style = resolve_prompt_style(args, info)  # for the detector's fake rate
     args.out_dir = out_dir = _resolve_out(args)
     model, tok, packing = load_from_args(args)
     gen = generator_from_args(model, tok, packing, args)

@@ -130,7 +130,9 @@ def resolve_prompt_style(args, info) -> str:
     return "official" if info.official else "fakeclue"
 
 
-def detector_from_args(model, tok, packing, args, prompt_style: str = "fakeclue"):
+def detector_from_args(model, tok, packing, args, prompt_style: str | None = None):
+    """A :class:`Detector` with the command's decoding settings; ``prompt_style`` defaults to ``args.prompt_style``
+    once resolved (see :func:`resolve_prompt_style`), ``fakeclue`` while it is still ``auto``."""
     from unigendet.sampling import SamplingConfig
 
     from .detect import DEFAULT_QUESTION, Detector
@@ -147,6 +149,8 @@ def detector_from_args(model, tok, packing, args, prompt_style: str = "fakeclue"
     else:
         penalty = 1.0 if args.repetition_penalty is None else args.repetition_penalty
         sampling = SamplingConfig(do_sample=False, repetition_penalty=penalty)
+    if prompt_style is None:
+        prompt_style = "fakeclue" if getattr(args, "prompt_style", "auto") == "auto" else args.prompt_style
     return Detector(model, tok, packing, smsa=args.smsa, sampling=sampling, max_new_tokens=args.max_new_tokens,
                     question=args.question or DEFAULT_QUESTION, prompt_style=prompt_style)
 
