@@ -211,6 +211,12 @@ def test_evaluate_gen_checks_prompts_and_reference_before_generating(run_dir, tm
     assert "at least 2 reference images, found 1" in _one_error(capsys, "evaluate")
 
 
+def test_evaluate_det_data_embedded():
+    from unigendet.data import embedded_dataset
+
+    assert evaluate_cmd._fakeclue_root("embedded") == embedded_dataset().fakeclue_root
+
+
 def test_evaluate_reports_go_to_the_run_folder(run_dir, tmp_path):
     assert evaluate_cmd.default_out_dir(str(run_dir / "final")) == str(run_dir / "eval")
     alone = _fake_checkpoint(tmp_path / "download")

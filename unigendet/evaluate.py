@@ -50,7 +50,9 @@ def build_parser() -> CommandParser:
     sub = p.add_subparsers(dest="task", required=True, parser_class=CommandParser)
 
     d = sub.add_parser("det", help="detection and explanation metrics on a FakeClue-style split")
-    d.add_argument("--data", required=True, help="FakeClue root (holding data_json/), or a folder with fakeclue/")
+    d.add_argument("--data", required=True,
+                   help="FakeClue root (holding data_json/), a folder with fakeclue/, or 'embedded' (the embedded "
+                        "data set the tiny preset trains on; its test split is held out)")
     d.add_argument("--split", default="test")
     d.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     d.add_argument("--balance", action="store_true", help="balance real/fake (seeded, as the reference loader)")
@@ -83,6 +85,10 @@ def build_parser() -> CommandParser:
 
 
 def _fakeclue_root(path: str) -> str:
+    if path == "embedded":
+        from unigendet.data import embedded_dataset
+
+        return embedded_dataset().fakeclue_root  # built on first use, as training does
     if not os.path.isdir(path):
         raise UsageError(f"--data {path}: no such folder")
     if os.path.isdir(os.path.join(path, "data_json")):
