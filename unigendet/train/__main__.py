@@ -11,7 +11,6 @@ same command.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from unigendet._cli import CommandParser, UsageError, add_debug_arg, run_command
@@ -148,7 +147,6 @@ def _main(argv) -> int:
     problem = out_dir_problem(cfg)
     if problem is not None:
         raise UsageError(problem)
-    logging.getLogger("unigendet").setLevel(logging.INFO)
     from .distributed import shutdown_distributed
     from .loop import Trainer
 
