@@ -20,3 +20,6 @@ def test_ablation_table(tmp_path, capsys):
     assert not (tmp_path / "no-gduf" / "checkpoints").exists()
     assert (tmp_path / "full" / "final").is_dir()
     assert "Ablation" in capsys.readouterr().out
+    # Again into the same folder: refused before any training, unless --overwrite (options in either form).
+    assert ablate.main(["--out-dir", str(tmp_path), "--gduf.steps", "2"]) == 2
+    assert "is not empty" in capsys.readouterr().err

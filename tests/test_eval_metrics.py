@@ -351,3 +351,19 @@ def test_reports_written(tmp_path):
     assert "| num_generated | 10 |" in generation_markdown({"num_generated": 10})
     with pytest.raises(ValueError, match="kind"):
         write_markdown_report(res, tmp_path / "x.md", kind="other")
+
+
+def test_per_category_f1_only_where_both_classes_are_present():
+    recs = [{"id": f"r{i}", "label": lab, "cate": cate, "answer": "This is a real image." if lab else
+             "This is a fake image."} for i, (lab, cate) in enumerate(
+                 [(1, "photo"), (1, "photo"), (1, "photo"), (0, "photo"), (0, "gan"), (0, "gan"), (0, "gan")])]
+    preds = ["This is a real image.", "This is a real image.", "This is a fake image.", "This is a fake image.",
+             "This is a fake image.", "This is a fake image.", "This is a real image."]
+    res = evaluate_detection(recs, preds)
+    photo, gan = res["per_category"]["photo"], res["per_category"]["gan"]
+    assert (photo["num_real"], photo["num_fake"], gan["num_real"], gan["num_fake"]) == (3, 1, 0, 3)
+    assert photo["f1_macro"] is not None and photo["accuracy"] == 0.75
+    assert gan["f1_macro"] is None and gan["verdict"]["f1_macro"] is None and gan["accuracy"] == pytest.approx(2 / 3)
+    assert res["f1_macro"] is not None  # the overall number stays the official macro-F1
+    md = detection_markdown(res)
+    assert "| real | fake |" in md and "F1 is shown only for categories holding both" in md

@@ -173,8 +173,9 @@ def test_kill_9_during_steps_and_saves_resumes_bit_exactly(tmp_path):
 
     res = subprocess.run(_cli(out, *steps, "--resume", "--lr=3e-4"), capture_output=True, text=True, timeout=300,
                          env=_env())
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    # a refused resume is a user error: one line, exit status 2 (as every command's usage errors)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("unigendet.train: error:")]
     assert "optim.lr: 0.0001 -> 0.0003" in line and "--allow-config-change" in line
 
 

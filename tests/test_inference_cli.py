@@ -54,6 +54,26 @@ def test_detect_lines_and_json(ckpt, data, capsys):
     assert all(o["label"] in (0, 1) and 0 <= o["prob_fake"] <= 1 and o["num_tokens"] <= 3 for o in out)
 
 
+def test_detect_skips_bad_images_and_exits_1(ckpt, data, tmp_path, capsys):
+    good = _test_images(data)[:2]
+    trunc = tmp_path / "trunc.jpg"
+    Image.open(good[0]).convert("RGB").save(trunc, format="JPEG")
+    trunc.write_bytes(trunc.read_bytes()[:300])
+    missing = str(tmp_path / "missing.png")
+    argv = [good[0], str(trunc), missing, good[1], "--checkpoint", ckpt, "--max-new-tokens", "2", "--no-progress"]
+    assert detect_cmd.main(argv) == 1
+    cap = capsys.readouterr()
+    assert [line.split("\t")[0] for line in cap.out.strip().splitlines()] == good
+    assert f"unigendet.detect: error: image {missing}: no such file; skipped" in cap.err
+    assert f"unigendet.detect: error: image {trunc}: not a readable image" in cap.err
+    assert "2 of 4 images could not be read" in cap.err and "Traceback" not in cap.err
+    assert detect_cmd.main([*argv, "--json", "--prompt-style", "official"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [o["path"] for o in out] == [good[0], str(trunc), missing, good[1]]
+    assert out[0]["error"] is None and out[1]["error"].startswith("not a readable image")
+    assert out[2] == {"path": missing, "error": "no such file"}
+
+
 def test_generate_one_and_many(ckpt, tmp_path, capsys):
     out = tmp_path / "cat.png"
     assert generate_cmd.main(["--prompt", "a photo of a cat", "-o", str(out), "--checkpoint", ckpt, "--steps", "3",
@@ -67,8 +87,8 @@ def test_generate_one_and_many(ckpt, tmp_path, capsys):
     meta = json.loads((d / "prompts.json").read_text())
     assert [m["prompt"] for m in meta] == ["a cup of coffee", "a brick wall"]
     assert all(Image.open(d / m["image"]).size == (32, 32) for m in meta)
-    with pytest.raises(SystemExit):
-        generate_cmd.main(["--prompts-file", str(prompts), "-o", str(out), "--checkpoint", ckpt])
+    assert generate_cmd.main(["--prompts-file", str(prompts), "-o", str(out), "--checkpoint", ckpt]) == 2
+    assert "exactly one prompt" in capsys.readouterr().err
 
 
 def test_evaluate_det(ckpt, data, tmp_path, capsys):
@@ -83,6 +103,14 @@ def test_evaluate_det(ckpt, data, tmp_path, capsys):
     assert len(res["samples"]) == 3
     assert "| overall |" in (out / "detection_test.md").read_text()
     assert "Detection (test, 3 images)" in capsys.readouterr().out
+    assert res["settings"]["prompt_style"] == "fakeclue" and res["settings"]["max_new_tokens"] == 3
+    # Without --out the reports go to eval/ in the checkpoint's run folder, never the current folder.
+    run = os.path.dirname(ckpt)
+    assert evaluate_cmd.main(["det", "--checkpoint", ckpt, "--data", data.root, "--limit", "2", "--prompt-style",
+                              "official", "--max-new-tokens", "2", "--no-progress"]) == 0
+    res = json.loads(open(os.path.join(run, "eval", "detection_test.json")).read())
+    assert res["num_samples"] == 2 and res["settings"]["prompt_style"] == "official"
+    assert "eval/detection_test.json" in capsys.readouterr().out
 
 
 def test_evaluate_gen(ckpt, data, tmp_path):

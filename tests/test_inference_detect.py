@@ -151,6 +151,39 @@ def test_detector_rejects_bad_arguments(model, tok):
         Detector(model, tok, PackingConfig.tiny()).detect([3], progress=False)
 
 
+def test_detector_skips_unreadable_images(model, tok, images, tmp_path):
+    from unigendet.data.readers import DataError
+
+    good, trunc = tmp_path / "good.png", tmp_path / "trunc.jpg"
+    images[0].save(good)
+    images[1].save(trunc, format="JPEG")
+    trunc.write_bytes(trunc.read_bytes()[:300])  # a readable header, truncated pixels
+    det = Detector(model, tok, PackingConfig.tiny(), max_new_tokens=2)
+    paths = [str(good), str(trunc), str(tmp_path / "none.png"), str(tmp_path)]
+    res = det.detect(paths, batch_size=2, skip_unreadable=True, progress=False)
+    assert res[0].error is None and res[0].label in (0, 1)
+    assert res[0].text == det.detect([str(good)], progress=False)[0].text
+    assert res[1].error.startswith("not a readable image")
+    assert res[2].error == "no such file" and res[3].error == "a folder, not an image file"
+    assert all(r.label == -1 and r.source == p for r, p in zip(res[1:], paths[1:]))
+    assert res[1].to_dict()["prob_fake"] is None
+    with pytest.raises(DataError, match="corrupt_image"):
+        det.detect([str(trunc)], progress=False)
+
+
+def test_detector_prompt_styles(model, tok):
+    from unigendet.prompts import OFFICIAL_FORMAT_SUFFIX
+
+    assert Detector(model, tok, PackingConfig.tiny()).max_new_tokens == 1000  # the official limit
+    plain = Detector(model, tok, PackingConfig.tiny())
+    official = Detector(model, tok, PackingConfig.tiny(), prompt_style="official")
+    q = "<image>Does the image looks real/fake?"
+    assert tok.decode(plain._question_ids(q)) == "Does the image looks real/fake?"
+    assert tok.decode(official._question_ids(q)) == "Does the image looks real/fake?" + OFFICIAL_FORMAT_SUFFIX
+    with pytest.raises(ValueError, match="prompt style"):
+        Detector(model, tok, PackingConfig.tiny(), prompt_style="chatty")
+
+
 def test_split_explanation():
     assert split_explanation("This is a fake image. The edges are jagged.") == "The edges are jagged."
     assert split_explanation("this is a REAL image: clean gradients") == "clean gradients"

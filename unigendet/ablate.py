@@ -8,15 +8,19 @@ Three settings, each trained (or not) on the embedded data set and evaluated on 
                 the analogue of the paper's zero-shot BAGEL).
 
 Writes ``ablation.json`` and ``ablation.md`` (ours next to the paper's numbers, whatever the tiny scale shows) in
-``--out-dir``. Extra ``--key=value`` options go to every training run (e.g. ``--gduf.steps=200``).
+``--out-dir``. Extra training options go to every training run (e.g. ``--gduf.steps 200``; ``--overwrite`` to
+replace the runs of an earlier ablation in the same folder).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from unigendet._cli import CommandParser, UsageError, add_debug_arg, run_command
+
+NAME = "unigendet.ablate"
 
 #: Table 4 of the paper (Acc, F1, ROUGE-L, CSS on FakeClue, in %).
 PAPER = {
@@ -69,16 +73,28 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unigendet.ablate", description=__doc__.splitlines()[0])
+def _main(argv: list[str]) -> int:
+    from unigendet.train.__main__ import config_overrides
+    from unigendet.train.checks import out_dir_problem
+    from unigendet.train.config import load_config
+
+    p = CommandParser(prog="python -m unigendet.ablate", description=__doc__.splitlines()[0],
+                      epilog="Any other option is a training option (see python -m unigendet.train --help).")
     p.add_argument("--out-dir", default="runs/ablation")
     p.add_argument("--settings", default="full,no-smsa,no-gduf", help="comma-separated subset of the settings")
     p.add_argument("--no-progress", action="store_true")
-    args, overrides = p.parse_known_args(argv)
+    add_debug_arg(p)
+    args, rest = p.parse_known_args(argv)
+    overrides = config_overrides(rest)
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     bad = [n for n in names if n not in SETTINGS]
     if bad:
-        p.error(f"unknown settings {bad}; choose from {list(SETTINGS)}")
+        raise UsageError(f"--settings: unknown settings {bad}; choose from {list(SETTINGS)}")
+    for n in names:  # every run's options and folder are checked before the first one starts
+        cfg = load_config("tiny", [f"--out-dir={os.path.join(args.out_dir, n)}", *overrides])
+        problem = out_dir_problem(cfg)
+        if problem is not None:
+            raise UsageError(problem)
     os.makedirs(args.out_dir, exist_ok=True)
     results = {n: run_setting(n, args.out_dir, overrides, progress=not args.no_progress) for n in names}
     with open(os.path.join(args.out_dir, "ablation.json"), "w") as f:
@@ -88,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         f.write(table)
     print(table)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(NAME, _main, argv)
 
 
 if __name__ == "__main__":

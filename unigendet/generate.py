@@ -6,22 +6,26 @@ with a ``prompt``/``caption``/``text`` field); images are written as ``D/00000.p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from unigendet._cli import CommandParser, UsageError, add_debug_arg, run_command
 from unigendet.inference.cli import (
     add_generation_args,
     add_model_args,
+    check_generation_args,
+    check_model_args,
     generator_from_args,
     load_from_args,
     read_prompts,
 )
 
+NAME = "unigendet.generate"
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m unigendet.generate", description=__doc__.split("\n\n")[0])
+
+def build_parser() -> CommandParser:
+    p = CommandParser(prog="python -m unigendet.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("-o", "--output", default=None, help="output PNG (exactly one prompt)")
     p.add_argument("--prompts-file", default=None, help="file of prompts (.txt, .json, .jsonl)")
@@ -29,23 +33,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_model_args(p)
     add_generation_args(p)
+    add_debug_arg(p)
     return p
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_writable(path: str, option: str) -> None:
+    """``path`` (a file or folder to be written) can be created: its nearest existing parent is a writable folder."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{option} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK):
+        raise UsageError(f"{option} {path}: {probe} is not writable")
+
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            parser.error(f"--prompts-file not found: {args.prompts_file}")
-        prompts += read_prompts([args.prompts_file])
+        prompts += read_prompts([args.prompts_file], option="--prompts-file")
     if not prompts:
-        parser.error("give --prompt TEXT or --prompts-file F")
+        raise UsageError("give --prompt TEXT or --prompts-file F")
     if args.output and len(prompts) != 1:
-        parser.error(f"-o/--output takes exactly one prompt, got {len(prompts)}; use --out-dir")
+        raise UsageError(f"-o/--output takes exactly one prompt, got {len(prompts)}; use --out-dir")
     if not args.output and not args.out_dir:
-        parser.error("give -o FILE.png (one prompt) or --out-dir D")
+        raise UsageError("give -o FILE.png (one prompt) or --out-dir D")
+    if args.output:
+        if os.path.isdir(args.output):
+            raise UsageError(f"-o/--output {args.output} is a folder; give a file name such as out.png")
+        _check_writable(args.output, "-o/--output")
+    else:
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise UsageError(f"--out-dir {args.out_dir} is a file, not a folder")
+        _check_writable(args.out_dir, "--out-dir")
+    check_generation_args(args, check_model_args(args))
     model, tok, packing = load_from_args(args)
     gen = generator_from_args(model, tok, packing, args)
     from unigendet.inference.generate import tensor_to_pil
@@ -67,6 +89,10 @@ def main(argv=None) -> int:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     print(f"wrote {len(images)} images to {args.out_dir}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(NAME, _main, argv)
 
 
 if __name__ == "__main__":

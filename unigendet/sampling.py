@@ -493,9 +493,9 @@ def flow_euler_sample(
     trajectory = [x] if return_trajectory else None
     steps = range(num_steps - 1)
     if progress:
-        from tqdm.auto import tqdm
+        from unigendet._progress import progress_iter
 
-        steps = tqdm(steps, desc="flow sampling", total=num_steps - 1)
+        steps = progress_iter(steps, desc="flow sampling", total=num_steps - 1)
     lo, hi = float(cfg_interval[0]), float(cfg_interval[1])
     for i in steps:
         t = timesteps[i]

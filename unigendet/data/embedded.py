@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from unigendet.prompts import FAKECLUE_QUESTION, detection_prompt, diga_teacher_prompt
+
 __all__ = ["EmbeddedDataset", "FAKE_PROCESSES", "SOURCES", "build_embedded", "embedded_dataset", "text_corpus"]
 
 _VERSION = 3
-QUESTION = "<image>Does the image looks real/fake?"
+QUESTION = FAKECLUE_QUESTION
 
 
 @dataclass(frozen=True)
@@ -121,16 +123,10 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 TONES = ("bright", "dark", "colourful", "muted colours")
 
-FORENSIC_PROMPT = (
-    "You are a forensic image analyst. The image is described as: \"{caption}\". List the visual evidence of "
-    "authenticity you can see: sensor noise, lighting, shadows, edges, gradients and textures."
-)
-
-
 def text_corpus() -> list[str]:
     """Every explanation, caption and prompt the embedded data set (and the DIGA teacher prompt) can contain."""
     subjects = sorted({s.subject for s in SOURCES})
-    lines = [QUESTION.replace("<image>", "")]
+    lines = [detection_prompt(QUESTION)]
     for subj in subjects:
         for tmpls in FAKE_PROCESSES.values():
             lines += [f"This is a fake image. {t.format(subject=subj)}" for t in tmpls]
@@ -140,7 +136,7 @@ def text_corpus() -> list[str]:
                 cap = t.format(subject=subj, tone=tone)
                 if cap not in lines:
                     lines.append(cap)
-        lines.append(FORENSIC_PROMPT.format(caption=CAPTION_TEMPLATES[0].format(subject=subj)))
+        lines.append(diga_teacher_prompt(CAPTION_TEMPLATES[0].format(subject=subj), "short"))
     return lines
 
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from unigendet.prompts import DIGA_PROMPT_STYLES, diga_teacher_prompt
+
 from .batch import DigaTeacherBatch, PackedBatch
-from .embedded import FORENSIC_PROMPT
 from .transforms import ImageTransform, patchify
 
 __all__ = [
@@ -64,6 +65,8 @@ class PackingConfig:
     text_cond_dropout_prob: float = 0.1
     det_use_vae: bool = True
     diga: bool = False
+    #: the DIGA teacher's forensic prompt (see :mod:`unigendet.prompts`)
+    diga_prompt: str = "short"
     max_buffer: int = 50
 
     def __post_init__(self):
@@ -79,6 +82,8 @@ class PackingConfig:
             raise ValueError("vit_max_patches_per_side must be >= vit.max_size // vit.stride")
         if self.max_latent_size < self.vae.max_size // self.vae.stride:
             raise ValueError("max_latent_size must be >= vae.max_size // vae.stride")
+        if self.diga_prompt not in DIGA_PROMPT_STYLES:
+            raise ValueError(f"diga_prompt must be one of {DIGA_PROMPT_STYLES}, got {self.diga_prompt!r}")
 
     @property
     def vit_patch(self) -> int:
@@ -194,7 +199,7 @@ def plan_generation(
 def plan_diga_teacher(student: SamplePlan, tokenizer, cfg: PackingConfig) -> SamplePlan:
     """[VAE clean, full] [forensic prompt including the caption, causal] [ViT, full] for a generation sample."""
     imgs = _image_items(cfg, student.size, vae=True, vit=True)
-    prompt = FORENSIC_PROMPT.format(caption=student.caption or "")
+    prompt = diga_teacher_prompt(student.caption or "", cfg.diga_prompt)
     items = [imgs["vae"], TextItem(tokenizer.encode(prompt)), imgs["vit"]]
     return SamplePlan("diga", student.id, student.image, student.size, items, caption=student.caption)
 

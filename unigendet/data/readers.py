@@ -46,6 +46,22 @@ class DataError(ValueError):
         super().__init__(f"{reason}: {ident}" + (f" ({detail})" if detail else ""))
         self.reason = reason
         self.ident = ident
+        self.detail = detail
+
+    def describe(self) -> str:
+        """The problem in words, without the path: ``"no such file"``, ``"not a readable image (OSError: ...)"``."""
+        text = _REASON_TEXT.get(self.reason, self.reason.replace("_", " "))
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+_REASON_TEXT = {
+    "missing_file": "no such file",
+    "not_a_file": "a folder, not an image file",
+    "zero_size": "an empty image",
+    "corrupt_image": "not a readable image",
+    "too_many_pixels": "too many pixels",
+    "unsupported_mode": "an unsupported pixel format",
+}
 
 
 @dataclass
@@ -371,6 +387,9 @@ def image_size(
 ) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding; None (counted) for unusable files."""
     stats = stats if stats is not None else SkipStats()
+    if os.path.isdir(path):
+        stats.add("not_a_file", path, "", strict)
+        return None
     try:
         if os.path.getsize(path) == 0:
             stats.add("zero_size", path, "empty file", strict)
@@ -416,8 +435,8 @@ def load_rgb(
 ) -> Image.Image | None:
     """Decode ``path`` fully into an 8-bit RGB PIL image; None (counted in ``stats``) if unusable.
 
-    Reasons: ``missing_file``, ``zero_size``, ``too_many_pixels`` (checked from the header, before decoding),
-    ``corrupt_image`` (unreadable or truncated), ``unsupported_mode`` (e.g. float images).
+    Reasons: ``missing_file``, ``not_a_file`` (a folder), ``zero_size``, ``too_many_pixels`` (checked from the
+    header, before decoding), ``corrupt_image`` (unreadable or truncated), ``unsupported_mode`` (e.g. float images).
     """
     stats = stats if stats is not None else SkipStats()
     if image_size(path, max_pixels=max_pixels, strict=strict, stats=stats) is None:

@@ -391,9 +391,9 @@ def compute_activations(
         raise ValueError("no images given")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from unigendet._progress import progress_bar
 
-        bar = tqdm(total=len(images), desc=desc, unit="img")
+        bar = progress_bar(total=len(images), desc=desc, unit="img")
     feats = []
     try:
         for start in range(0, len(images), batch_size):

@@ -385,9 +385,11 @@ def _mean_or_none(values: list[float]) -> float | None:
     return float(math.fsum(values) / len(values)) if values else None
 
 
-def _summarise(samples: list[SampleScore], primary: str) -> dict:
+def _summarise(samples: list[SampleScore], primary: str, *, f1_needs_both_classes: bool = False) -> dict:
     ok = [s for s in samples if s.error is None]
-    res: dict[str, Any] = {"num_samples": len(samples), "num_errors": len(samples) - len(ok)}
+    res: dict[str, Any] = {"num_samples": len(samples), "num_errors": len(samples) - len(ok),
+                           "num_real": sum(s.label == LABEL_REAL for s in ok),
+                           "num_fake": sum(s.label == LABEL_FAKE for s in ok)}
     blocks = {}
     with_text = [s for s in ok if s.verdict is not None]
     with_head = [s for s in ok if s.head is not None]
@@ -395,6 +397,11 @@ def _summarise(samples: list[SampleScore], primary: str) -> dict:
         blocks["verdict"] = classification_metrics([s.label for s in with_text], [s.verdict for s in with_text])
     if with_head:
         blocks["head"] = classification_metrics([s.label for s in with_head], [s.head for s in with_head])
+    if f1_needs_both_classes and not (res["num_real"] and res["num_fake"]):
+        # Macro-F1 over a single ground-truth class averages that class's F1 with a zero for the absent one
+        # (0.487 at 0.95 accuracy): accuracy and the counts say what there is to say.
+        for block in blocks.values():
+            block["f1_macro"] = None
     main = blocks.get(primary) or classification_metrics([], [])
     for k in ("num_valid", "num_unparseable", "accuracy", "f1_macro", "real_accuracy", "fake_accuracy"):
         res[k] = main[k]
@@ -426,7 +433,8 @@ def evaluate_detection(
             when available.
         css_backend: ``"tfidf"`` (the reference definition) or ``"sentence"`` (:class:`SentenceEmbeddingCSS`
             loaded from ``css_model_path``).
-        per_category: add a ``"per_category"`` dict keyed by ``cate``.
+        per_category: add a ``"per_category"`` dict keyed by ``cate``; there ``f1_macro`` is ``None`` for a category
+            whose samples are all real or all fake (``num_real`` / ``num_fake`` give the counts).
         return_samples: add the per-sample scores under ``"samples"`` (list of dicts).
 
     Returns:
@@ -454,7 +462,7 @@ def evaluate_detection(
         groups: dict[str, list[SampleScore]] = {}
         for s in samples:
             groups.setdefault(s.category if s.category is not None else "unknown", []).append(s)
-        result["per_category"] = {c: _summarise(groups[c], primary) for c in sorted(groups)}
+        result["per_category"] = {c: _summarise(groups[c], primary, f1_needs_both_classes=True) for c in sorted(groups)}
     if return_samples:
         result["samples"] = [s.to_dict() for s in samples]
     return result

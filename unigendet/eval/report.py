@@ -24,6 +24,8 @@ __all__ = [
 
 _COLUMNS = (
     ("n", "num_samples", "int"),
+    ("real", "num_real", "int"),
+    ("fake", "num_fake", "int"),
     ("errors", "num_errors", "int"),
     ("parsed", "num_valid", "int"),
     ("unparsed", "num_unparseable", "int"),
@@ -79,6 +81,9 @@ def detection_markdown(result: Mapping[str, Any], title: str = "Detection result
     if per_cat:
         parts += ["", "### Per category", ""]
         parts.append(_table(list(per_cat.items()), "category"))
+        if any(r.get("f1_macro") is None and r.get("accuracy") is not None for r in per_cat.values()):
+            parts += ["", "F1 is shown only for categories holding both real and fake images (macro-F1 over one "
+                      "class is not meaningful); accuracy and the real/fake counts are always shown."]
     return "\n".join(parts) + "\n"
 
 

@@ -15,6 +15,7 @@ positions continue from the prefill.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -23,11 +24,13 @@ import torch
 from PIL import Image
 
 from unigendet.eval.metrics import FAKE_PHRASE, REAL_PHRASE, parse_verdict
+from unigendet.prompts import FAKECLUE_QUESTION, detection_prompt
 from unigendet.sampling import SamplingConfig, sample_next_token
 
 from .kv_cache import StaticKVCache
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_QUESTION",
     "DetectionResult",
     "Detector",
@@ -36,7 +39,10 @@ __all__ = [
     "split_explanation",
 ]
 
-DEFAULT_QUESTION = "Does the image looks real/fake?"
+#: FakeClue's question, the default prompt after the image (see :mod:`unigendet.prompts` for every prompt).
+DEFAULT_QUESTION = detection_prompt(FAKECLUE_QUESTION, "fakeclue")
+#: The official evaluation's answer length limit; decoding stops earlier at ``<|im_end|>``.
+DEFAULT_MAX_NEW_TOKENS = 1000
 
 
 @dataclass
@@ -53,6 +59,8 @@ class DetectionResult:
         num_tokens: decoded tokens, ``<|im_end|>`` excluded.
         finished: whether the answer ended with ``<|im_end|>`` (``False``: cut at the token limit).
         source: the image path, when a path was given.
+        error: why the image could not be used (``Detector.detect(skip_unreadable=True)``); the other fields then
+            hold no verdict (``label`` and ``text_label`` -1, ``prob_fake`` NaN).
     """
 
     label: int
@@ -64,9 +72,18 @@ class DetectionResult:
     num_tokens: int = 0
     finished: bool = False
     source: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, source: str | None, error: str) -> DetectionResult:
+        """The result of an image that could not be read."""
+        return cls(label=-1, prob_fake=math.nan, text="", text_label=-1, explanation="", source=source, error=error)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if isinstance(d["prob_fake"], float) and math.isnan(d["prob_fake"]):
+            d["prob_fake"] = None  # strict JSON
+        return d
 
 
 def split_explanation(text: str) -> str:
@@ -333,13 +350,16 @@ class Detector:
         packing: the :class:`~unigendet.data.PackingConfig` the model was trained with (image sizes).
         smsa: SMSA rule (``reference``, ``paper``, ``off``); default the model's ``config.smsa_mode``.
         sampling: decoding settings; ``None`` = greedy (``SamplingConfig.paper()`` for the paper's sampling).
-        max_new_tokens: answer length limit.
-        question: the prompt text placed after the image.
+        max_new_tokens: answer length limit (decoding stops earlier once every answer reached ``<|im_end|>``).
+        question: the question placed after the image (a FakeClue human turn; a ``<image>`` prefix is dropped).
+        prompt_style: ``fakeclue`` (the question as trained) or ``official`` (the question followed by the official
+            evaluation's output-format block); see :func:`unigendet.prompts.detection_prompt`.
         check_every: decoding steps between two "all finished?" checks (each one host synchronisation).
     """
 
     def __init__(self, model, tokenizer, packing, *, smsa: str | None = None, sampling: SamplingConfig | None = None,
-                 max_new_tokens: int = 256, question: str = DEFAULT_QUESTION, check_every: int = 8):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, question: str = DEFAULT_QUESTION,
+                 prompt_style: str = "fakeclue", check_every: int = 8):
         from unigendet.models.smsa import SMSA_MODES
 
         mode = smsa if smsa is not None else getattr(model.config, "smsa_mode", "reference")
@@ -347,6 +367,7 @@ class Detector:
             raise ValueError(f"smsa must be one of {SMSA_MODES}, got {mode!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        detection_prompt(question, prompt_style)  # validates the style
         if not model.config.visual_und:
             raise ValueError("model has no ViT (visual_und=False): it cannot detect")
         self.model = model
@@ -356,6 +377,7 @@ class Detector:
         self.sampling = sampling or SamplingConfig.greedy()
         self.max_new_tokens = int(max_new_tokens)
         self.question = question
+        self.prompt_style = prompt_style
         self.check_every = int(check_every)
 
     @property
@@ -364,7 +386,7 @@ class Detector:
 
     def _question_ids(self, question: str) -> list[int]:
         # The FakeClue human turn is "<image>question": only the text after the image placeholder is encoded.
-        text = question.partition("<image>")[2] if "<image>" in question else question
+        text = detection_prompt(question, self.prompt_style)
         return self.tokenizer.encode(text) if text.strip() else []
 
     def build_prefill(self, images: Sequence[Image.Image], questions: Sequence[str]):
@@ -387,15 +409,22 @@ class Detector:
         seed: int = 0,
         progress: bool = True,
         questions: Sequence[str] | None = None,
+        skip_unreadable: bool = False,
     ) -> list[DetectionResult]:
         """Detect every image (paths or PIL images), ``batch_size`` images per packed prefill.
 
         Args:
             seed: seeds the VAE posterior sample and, when sampling, the token draws.
-            questions: per-image prompt (default: ``self.question`` for all; a ``<image>`` prefix is dropped).
+            questions: per-image question (default: ``self.question`` for all; a ``<image>`` prefix is dropped).
+            skip_unreadable: an image file that cannot be decoded (missing, a folder, corrupt, truncated) gets a
+                :meth:`DetectionResult.failed` result and the others are processed; otherwise it raises
+                :class:`unigendet.data.readers.DataError`.
         Returns:
             one :class:`DetectionResult` per image, in order.
         """
+        from unigendet._progress import progress_bar
+        from unigendet.data.readers import DataError
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         images = list(images)
@@ -403,46 +432,49 @@ class Detector:
             raise ValueError(f"questions ({len(questions)}) and images ({len(images)}) differ in length")
         was_training = self.model.training
         self.model.eval()
-        tok = self.tokenizer
         gen = torch.Generator(device=self.model.device).manual_seed(int(seed))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(images), desc="detect", unit="img")
-        results: list[DetectionResult] = []
+        bar = progress_bar(total=len(images), desc="detect", unit="img", disable=not progress)
+        results: list[DetectionResult | None] = [None] * len(images)
         try:
             for start in range(0, len(images), batch_size):
-                chunk = images[start : start + batch_size]
-                loaded = [_load_image(im) for im in chunk]
-                qs = [self.question if questions is None else questions[start + j] for j in range(len(chunk))]
-                batch = self.build_prefill([im for im, _ in loaded], qs)
-                res = decode_answers(
-                    self.model, batch, start_token_id=tok.im_start_id, eos_token_id=tok.im_end_id,
-                    max_new_tokens=self.max_new_tokens, smsa_mode=self.smsa, sampling=self.sampling,
-                    generator=gen, history=[self._question_ids(q) for q in qs], check_every=self.check_every,
-                )
-                probs = torch.softmax(res["det_logits"], -1)
-                for j, (ids, fin) in enumerate(zip(res["tokens"], res["finished"])):
-                    text = tok.decode(ids, skip_special_tokens=True).strip()
-                    logits = res["det_logits"][j].tolist()
-                    results.append(
-                        DetectionResult(
-                            label=int(np.argmax(logits)),
-                            prob_fake=float(probs[j, 0]),
-                            text=text,
-                            text_label=parse_verdict(text),
-                            explanation=split_explanation(text),
-                            logits=(float(logits[0]), float(logits[1])),
-                            num_tokens=len(ids),
-                            finished=fin,
-                            source=loaded[j][1],
-                        )
-                    )
-                if bar is not None:
-                    bar.update(len(chunk))
+                idx, loaded = [], []
+                for i in range(start, min(start + batch_size, len(images))):
+                    try:
+                        loaded.append(_load_image(images[i]))
+                        idx.append(i)
+                    except DataError as e:
+                        if not skip_unreadable:
+                            raise
+                        results[i] = DetectionResult.failed(str(images[i]), e.describe())
+                if idx:
+                    qs = [self.question if questions is None else questions[i] for i in idx]
+                    self._detect_chunk(idx, loaded, qs, gen, results)
+                bar.update(min(batch_size, len(images) - start))
         finally:
             self.model.train(was_training)
-            if bar is not None:
-                bar.close()
+            bar.close()
         return results
+
+    def _detect_chunk(self, idx, loaded, qs, gen, results) -> None:
+        tok = self.tokenizer
+        batch = self.build_prefill([im for im, _ in loaded], qs)
+        res = decode_answers(
+            self.model, batch, start_token_id=tok.im_start_id, eos_token_id=tok.im_end_id,
+            max_new_tokens=self.max_new_tokens, smsa_mode=self.smsa, sampling=self.sampling,
+            generator=gen, history=[self._question_ids(q) for q in qs], check_every=self.check_every,
+        )
+        probs = torch.softmax(res["det_logits"], -1)
+        for j, (ids, fin) in enumerate(zip(res["tokens"], res["finished"])):
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            logits = res["det_logits"][j].tolist()
+            results[idx[j]] = DetectionResult(
+                label=int(np.argmax(logits)),
+                prob_fake=float(probs[j, 0]),
+                text=text,
+                text_label=parse_verdict(text),
+                explanation=split_explanation(text),
+                logits=(float(logits[0]), float(logits[1])),
+                num_tokens=len(ids),
+                finished=fin,
+                source=loaded[j][1],
+            )

@@ -158,9 +158,9 @@ class ImageGenerator:
         x = noise.to(dev, torch.float32)
         steps = range(self.steps - 1)
         if progress:
-            from tqdm.auto import tqdm
+            from unigendet._progress import progress_iter
 
-            steps = tqdm(steps, desc="flow sampling", leave=False)
+            steps = progress_iter(steps, desc="flow sampling", leave=False)
         for i in steps:
             t = timesteps[i]
             if use_text[i]:
@@ -222,9 +222,9 @@ class ImageGenerator:
         self.model.eval()
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from unigendet._progress import progress_bar
 
-            bar = tqdm(total=len(prompts), desc="generate", unit="img")
+            bar = progress_bar(total=len(prompts), desc="generate", unit="img")
         out: list[torch.Tensor] = []
         try:
             for start in range(0, len(prompts), batch_size):

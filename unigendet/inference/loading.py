@@ -3,10 +3,103 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["default_device", "load_for_inference", "packing_for"]
+__all__ = ["CheckpointInfo", "check_checkpoint", "default_device", "load_for_inference", "packing_for"]
+
+_CONFIG_FILES = ("llm_config.json", "vit_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`check_checkpoint` found: the folder holding the configuration, its model configuration (read
+    from the JSON files only), and whether it is an official (BAGEL-layout) checkpoint rather than one this package
+    exported (``unigendet_config.json``)."""
+
+    folder: str
+    config: object
+    official: bool
+
+
+def _is_model_folder(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, n)) for n in _CONFIG_FILES)
+
+
+def _has_weights(path: str) -> bool:
+    return any(n.endswith((".safetensors", ".index.json")) and n != "ae.safetensors" for n in os.listdir(path))
+
+
+def _not_a_model_hint(path: str) -> str:
+    """Why ``path`` (an existing folder) is not a model folder, and where the model probably is."""
+    final = os.path.join(path, "final")
+    if _is_model_folder(final):
+        return f"{path} is a training run folder, not a checkpoint: did you mean {final}?"
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "train.jsonl")):
+        return (f"{path} is a training run folder without an exported model ({final} is written when the run "
+                "finishes; its checkpoints/ only resume training with --resume)")
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        hint = os.path.join(os.path.dirname(os.path.dirname(path.rstrip(os.sep))) or ".", "final")
+        if _is_model_folder(hint):
+            return f"{path} is a training checkpoint (it resumes training with --resume): did you mean {hint}?"
+        return f"{path} is a training checkpoint (it resumes training with --resume), not an exported model"
+    subs = sorted(d for d in os.listdir(path) if _is_model_folder(os.path.join(path, d)))
+    if subs:
+        return f"{path} holds no model itself: did you mean {os.path.join(path, subs[0])}?"
+    return (f"{path} is not a checkpoint folder (no {' / '.join(_CONFIG_FILES)}); pass the final/ folder of a "
+            "training run, or a BAGEL-7B-MoT download")
+
+
+def _missing_hint(path: str) -> str:
+    import difflib
+
+    parent = os.path.dirname(os.path.abspath(path))
+    msg = f"checkpoint folder not found: {path}"
+    if os.path.isdir(parent):
+        close = difflib.get_close_matches(os.path.basename(path.rstrip(os.sep)), os.listdir(parent), n=1)
+        if close:
+            msg += f" (did you mean {os.path.join(os.path.dirname(path.rstrip(os.sep)), close[0])}?)"
+    return msg
+
+
+def check_checkpoint(checkpoint: str, *, base: str | None = None, tokenizer: str | None = None) -> CheckpointInfo:
+    """Check a checkpoint (and base / tokenizer) argument without loading any weights.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` with a message that names what is wrong and, where it can tell,
+    the path that was probably meant (``runs/tiny`` -> ``did you mean runs/tiny/final?``).
+    """
+    from unigendet.models.config import load_config
+
+    if base is not None:
+        if not os.path.exists(checkpoint) and "," not in checkpoint:
+            raise FileNotFoundError(f"--checkpoint not found: {checkpoint}")
+        folder = base
+    else:
+        folder = checkpoint
+    label = "--base" if base is not None else "--checkpoint"
+    if not os.path.exists(folder):
+        raise FileNotFoundError(_missing_hint(folder).replace("checkpoint folder", f"{label} folder"))
+    if not os.path.isdir(folder):
+        if folder.endswith(".safetensors"):
+            raise ValueError(f"{label} {folder} is a weights file: pass the folder holding it and its "
+                             f"{' / '.join(_CONFIG_FILES)}, or fine-tuned weights as --checkpoint with --base FOLDER")
+        raise NotADirectoryError(f"{label} {folder} is not a folder")
+    if not _is_model_folder(folder):
+        raise FileNotFoundError(_not_a_model_hint(folder))
+    if not _has_weights(folder):
+        raise FileNotFoundError(f"{label} {folder} holds no *.safetensors weights")
+    if tokenizer is None:
+        if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{folder} holds no tokenizer files ({' / '.join(_TOKENIZER_FILES)}); pass --tokenizer tiny for a "
+                "model trained with this package's tiny tokenizer, or --tokenizer FOLDER")
+    elif tokenizer != "tiny" and not os.path.exists(tokenizer):
+        raise FileNotFoundError(f"--tokenizer not found: {tokenizer} (use 'tiny' or a tokenizer folder)")
+    config = load_config(folder)
+    official = base is not None or not os.path.isfile(os.path.join(folder, "unigendet_config.json"))
+    return CheckpointInfo(folder=folder, config=config, official=official)
 
 
 def default_device() -> torch.device:
@@ -80,12 +173,7 @@ def load_for_inference(
     dev = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    folder = base if base is not None else checkpoint
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder not found: {folder!r}")
-    has_tok = any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    if tokenizer is None and not has_tok:
-        raise FileNotFoundError(f"{folder!r} holds no tokenizer files; pass a tokenizer ('tiny' or a folder)")
+    folder = check_checkpoint(checkpoint, base=base, tokenizer=tokenizer).folder
     loaded = load_pretrained(folder, checkpoint if base is not None else None, dtype=dtype, device=dev,
                              load_tokenizer=tokenizer is None)
     tok = loaded.tokenizer if tokenizer is None else load_tokenizer(tokenizer)

@@ -15,6 +15,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from unigendet.prompts import DIGA_PROMPT_STYLES
+
 __all__ = [
     "DataConfig",
     "OptimConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_to_dict",
+    "field_docs",
     "load_config",
     "preset",
     "PRESETS",
@@ -29,90 +32,133 @@ __all__ = [
 ]
 
 
+# Every field carries a ``#:`` comment: it is the field's help text in ``python -m unigendet.train --help``.
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
+    #: peak learning rate (AdamW)
     lr: float = 1e-4
+    #: AdamW weight decay (not applied to biases and norms)
     weight_decay: float = 1e-2
+    #: AdamW betas
     betas: tuple[float, float] = (0.9, 0.95)
+    #: AdamW epsilon
     eps: float = 1e-8
+    #: linear warm-up steps at the start of each stage
     warmup_steps: int = 0
-    #: after the warm-up: "constant", or "cosine" decay to ``min_lr_ratio`` x lr at the end of each stage
+    #: after the warm-up: "constant", or "cosine" decay to min_lr_ratio x lr at the end of each stage
     schedule: str = "constant"
+    #: final learning rate of the cosine schedule, as a fraction of lr
     min_lr_ratio: float = 0.1
+    #: gradient-norm clipping (0: off)
     clip_grad_norm: float = 1.0
-    #: "auto": NVIDIA apex FusedAdam when installed, else torch's fused AdamW on CUDA, else foreach AdamW.
+    #: "auto": NVIDIA apex FusedAdam when installed, else torch's fused AdamW on CUDA, else foreach AdamW; "apex"
     impl: str = "auto"
 
 
 @dataclass(kw_only=True)
 class StageConfig:
+    #: optimizer steps of the stage
     steps: int = 100
-    #: weights of the GDUF losses (paper: all 1; the public code used 0.2 on the detection label)
+    #: GDUF weight of the detection-head loss (paper 1; the public code used 0.2)
     w_det: float = 1.0
+    #: GDUF weight of the explanation (text) loss
     w_text: float = 1.0
+    #: weight of the flow-matching loss
     w_flow: float = 1.0
-    #: DIGA: weight of the alignment term and the layer whose states are aligned
+    #: DIGA weight of the alignment term
     w_diga: float = 0.5
+    #: DIGA: the layer whose states are aligned (none: the model configuration's)
     diga_layer: int | None = None
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    #: "embedded" builds the default data set on first use; otherwise a FakeClue root and a LAION manifest
+    #: "embedded" builds the default data set on first use; "files" reads fakeclue_root and laion_manifest
     source: str = "embedded"
+    #: FakeClue root (holding data_json/ and the images)
     fakeclue_root: str | None = None
+    #: LAION manifest (final_metadata.json) of the generation samples
     laion_manifest: str | None = None
-    backend: str = "torch"  # "torch" (PIL DataLoader) or "dali"
+    #: image decoding: "torch" (PIL in a DataLoader) or "dali" (NVIDIA DALI)
+    backend: str = "torch"
+    #: loader worker processes (DALI: decoding threads)
     num_workers: int = 0
-    #: token budgets per pack; None keeps the model preset's packing defaults
+    #: tokens at which a pack is emitted (none: the model preset's packing default)
     expected_tokens: int | None = None
+    #: most tokens in a pack (none: the packing default)
     max_tokens: int | None = None
+    #: longer samples are skipped (none: the packing default)
     max_tokens_per_sample: int | None = None
-    #: generation : detection samples per pack (paper 1:1, public code 1:5)
+    #: generation samples per gen_ratio + det_ratio (paper 1:1, public code 1:5)
     gen_ratio: int = 1
+    #: detection samples per gen_ratio + det_ratio
     det_ratio: int = 1
+    #: probability of dropping a caption (classifier-free guidance)
     cfg_text_dropout: float = 0.1
+    #: keep min(#fake, #real) detection records of each class
     balance_classes: bool = True
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    #: run name (logged)
     name: str = "tiny"
     #: a model preset ("tiny", "bagel-7b-mot") or a checkpoint folder
     model: str = "tiny"
-    #: base checkpoint folder (BAGEL-7B-MoT layout) to start from; None builds the preset from scratch
+    #: base checkpoint folder (BAGEL-7B-MoT layout) to start from; none builds the preset from scratch
     model_path: str | None = None
-    #: "paper", "reference" or "off" (see unigendet.models)
+    #: SMSA rule: "paper", "reference" or "off" (see unigendet.models)
     smsa: str = "paper"
-    stage: str = "all"  # gduf | diga | all
+    #: "gduf", "diga" or "all" (GDUF then DIGA)
+    stage: str = "all"
+    #: co-evolution rounds of the stages
     rounds: int = 1
+    #: seeds initialisation, data order and noise
     seed: int = 0
+    #: "auto" (the GPU when there is one), "cpu", "cuda"
     device: str = "auto"
-    #: "auto" (with several processes: FSDP2 on GPUs, DDP on CPUs; nothing with one), "fsdp" (FSDP2, also on CPUs
-    #: with gloo), "ddp" or "none"
+    #: "auto" (several processes: FSDP2 on GPUs, DDP on CPUs), "fsdp" (also on CPUs, gloo), "ddp" or "none"
     parallel: str = "auto"
-    dtype: str = "auto"  # bf16 autocast on GPUs, fp32 on CPUs
+    #: "auto" (bf16 autocast on GPUs, fp32 on CPUs), "bf16", "fp16" or "fp32"
+    dtype: str = "auto"
+    #: recompute decoder activations in the backward pass
     grad_checkpointing: bool = False
-    ema: float = 0.0  # 0 disables the EMA copy
+    #: EMA decay of the exported weights (0: no EMA)
+    ema: float = 0.0
     #: packs per optimizer step and process (the global batch is grad_accum x world size packs)
     grad_accum: int = 1
+    #: flow-matching timestep shift in training
     timestep_shift: float = 1.0
+    #: run folder: train.jsonl, checkpoints/, final/, plots, summary.json
     out_dir: str = "runs/tiny"
+    #: continue from the newest checkpoint in out_dir
     resume: bool = False
     #: resume even when the configuration differs from the checkpoint's (the differences are logged)
     allow_config_change: bool = False
+    #: start afresh in a non-empty out_dir, deleting the previous run's outputs there
+    overwrite: bool = False
+    #: checkpoint every this many steps (and at the end of each stage)
     save_every: int = 50
+    #: checkpoints kept
     keep_last: int = 2
+    #: train.jsonl step record every this many steps
     log_every: int = 1
+    #: abort after more non-finite losses than this
     max_nonfinite: int = 10
-    #: held-out detection samples evaluated at the end (0: none) and their explanation length limit
+    #: held-out detection samples evaluated at the end (0: none)
     eval_samples: int = 200
+    #: answer length limit of that evaluation (decoding stops earlier at the end of every answer)
     eval_max_new_tokens: int = 48
-    #: images in the final sample grid, and flow steps for samples and co-evolution fakes
+    #: images in the final sample grid (0: none)
     sample_images: int = 8
+    #: flow steps for the samples and the co-evolution fakes
     sample_steps: int = 20
     #: self-generated fakes added to the detector's data in each co-evolution round after the first
     coevolution_fakes: int = 64
+    #: the DIGA teacher's forensic prompt: "short" or "official" (the official implementation's; unigendet.prompts)
+    diga_prompt: str = "short"
     gduf: StageConfig = field(default_factory=lambda: StageConfig(steps=300))
     diga: StageConfig = field(default_factory=lambda: StageConfig(steps=100))
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -135,11 +181,12 @@ def _tiny() -> TrainConfig:
 
 def _bagel_7b() -> TrainConfig:
     # The paper's schedule: GDUF 1000 steps and DIGA 500 steps of 16384 x 8 tokens on 8 GPUs, AdamW lr 1e-4,
-    # weight decay 1e-2; DIGA aligns layer 8 with weight 0.5.
+    # weight decay 1e-2; DIGA aligns layer 8 with weight 0.5 and its teacher reads the official forensic prompt.
     return TrainConfig(
         name="bagel-7b-mot",
         model="bagel-7b-mot",
         out_dir="runs/bagel-7b-mot",
+        diga_prompt="official",
         ema=0.99,
         grad_checkpointing=True,
         save_every=200,
@@ -155,7 +202,7 @@ PRESETS = {"tiny": _tiny, "bagel-7b-mot": _bagel_7b}
 #: Fields that may differ between a run and the checkpoint it resumes without counting as a configuration change:
 #: they steer where and how often the run reports and saves, and the end-of-run outputs, never the training itself.
 RESUME_MUTABLE = frozenset({
-    "resume", "allow_config_change", "out_dir", "save_every", "keep_last", "log_every", "max_nonfinite",
+    "resume", "allow_config_change", "overwrite", "out_dir", "save_every", "keep_last", "log_every", "max_nonfinite",
     "eval_samples", "eval_max_new_tokens", "sample_images", "data.num_workers",
 })
 
@@ -206,6 +253,67 @@ def _fields(obj) -> dict[str, dataclasses.Field]:
     return out
 
 
+def _comments(cls) -> dict[str, str]:
+    """The ``#:`` comment above each field of a dataclass, from its source."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if ":" in text and name.isidentifier():
+            docs[name] = " ".join(pending)
+        pending = []
+    return docs
+
+
+def _type_label(typ) -> str:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        return "|".join(_type_label(a) if a is not type(None) else "none" for a in args)
+    if origin is tuple:
+        return ",".join(_type_label(a) for a in args)
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(typ, getattr(typ, "__name__", str(typ)))
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    key: str  # dotted: "lr" is "optim.lr"
+    type: str  # "FLOAT", "INT|none", "FLOAT,FLOAT", ...
+    help: str
+    is_bool: bool
+
+
+def field_docs(cfg: TrainConfig | None = None) -> list[FieldDoc]:
+    """Every leaf field of :class:`TrainConfig` (sections flattened with dots), with its type and ``#:`` help."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    out: list[FieldDoc] = []
+
+    def walk(obj, prefix: str) -> None:
+        docs = _comments(type(obj))
+        for name, f in _fields(obj).items():
+            value = getattr(obj, name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{name}.")
+            else:
+                out.append(FieldDoc(f"{prefix}{name}", _type_label(f.type), docs.get(name, ""), f.type is bool))
+
+    walk(cfg, "")
+    return out
+
+
+def get_value(cfg: TrainConfig, key: str):
+    """The value of a dotted field."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _resolve(cfg, key: str):
     """(owner dataclass, field) for a dotted or unique short key."""
     parts = key.split(".")
@@ -226,7 +334,12 @@ def _resolve(cfg, key: str):
             return hits[0]
         if len(hits) > 1:
             raise ValueError(f"config: --{key} is ambiguous; say which section, e.g. --gduf.{key}")
-    raise ValueError(f"config: unknown option --{key}")
+    import difflib
+
+    names = [d.key for d in field_docs(cfg)]
+    names += [k.rpartition(".")[2] for k in names if "." in k]
+    close = difflib.get_close_matches(key, names, n=1)
+    raise ValueError(f"config: unknown option --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str] | dict) -> TrainConfig:
@@ -303,6 +416,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config: ema must be in [0, 1)")
     if cfg.keep_last < 1:
         raise ValueError("config: keep_last must be >= 1")
+    if cfg.diga_prompt not in DIGA_PROMPT_STYLES:
+        raise ValueError(f"config: diga_prompt must be one of {', '.join(DIGA_PROMPT_STYLES)}, got {cfg.diga_prompt!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("config: resume and overwrite exclude each other (continue the run, or start it afresh)")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"config: optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 
-__all__ = ["JsonlLogger", "JsonlRecords", "plot_losses", "read_jsonl"]
+__all__ = ["LOSS_LABELS", "JsonlLogger", "JsonlRecords", "plot_losses", "read_jsonl", "smooth"]
 
 log = logging.getLogger("unigendet.train")
 
@@ -102,8 +102,31 @@ def read_jsonl(path: str) -> JsonlRecords:
     return out
 
 
+#: Panel title and y-axis label of each loss key of the ``step`` records (other keys get a generic label).
+LOSS_LABELS = {
+    "loss": ("Total loss (weighted sum of the stage's terms)", "loss"),
+    "loss_ce": ("Explanation text: next-token cross-entropy", "cross-entropy (nats/token)"),
+    "loss_label": ("Detection head: real/fake cross-entropy", "cross-entropy (nats)"),
+    "loss_mse": ("Flow matching: velocity MSE", "mean squared error"),
+    "loss_diga": ("DIGA alignment: 1 - cos(teacher, student)", "1 - cosine similarity"),
+}
+_STAGE_COLOURS = {"gduf": "#1f77b4", "diga": "#d62728"}
+_ROUND_STYLES = ("-", "--", ":", "-.")
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` points (shrinking at the ends); NaNs are ignored."""
+    out = []
+    half = max(0, window // 2)
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - half): i + half + 1] if math.isfinite(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else float("nan"))
+    return out
+
+
 def plot_losses(records: list[dict], path: str) -> bool:
-    """One panel per loss key of the ``step`` records, per stage; returns False without matplotlib/data."""
+    """One panel per loss term of the ``step`` records: the raw values faint, a moving average on top, one colour
+    per stage (GDUF, DIGA; rounds as line styles) with a legend. Returns False without matplotlib or data."""
     steps = [r for r in records if r.get("event") == "step"]
     if not steps:
         return False
@@ -114,24 +137,41 @@ def plot_losses(records: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = sorted({k for r in steps for k in r if k.startswith("loss")})
+    order = list(LOSS_LABELS)
+    keys = sorted({k for r in steps for k in r if k.startswith("loss")},
+                  key=lambda k: (order.index(k) if k in order else len(order), k))
     if not keys:
         return False
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        by_stage: dict[str, tuple[list, list]] = {}
+    rounds = sorted({int(r.get("round", 1)) for r in steps})
+    ncols = min(3, len(keys))
+    nrows = (len(keys) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        series: dict[tuple[int, str], tuple[list, list]] = {}
         for r in steps:
-            if isinstance(r.get(key), (int, float)):
-                xs, ys = by_stage.setdefault(f"{r.get('stage', '')}{r.get('round', '')}", ([], []))
+            v = r.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                xs, ys = series.setdefault((int(r.get("round", 1)), str(r.get("stage", ""))), ([], []))
                 xs.append(r["global_step"])
-                ys.append(r[key])
-        for label, (xs, ys) in by_stage.items():
-            ax.plot(xs, ys, lw=1, label=label)
-        ax.set_title(key)
-        ax.set_xlabel("step")
+                ys.append(float(v))
+        for (rnd, stage), (xs, ys) in series.items():
+            colour = _STAGE_COLOURS.get(stage, "#555555")
+            style = _ROUND_STYLES[(rnd - 1) % len(_ROUND_STYLES)]
+            label = stage.upper() + (f" (round {rnd})" if len(rounds) > 1 else "")
+            window = max(1, len(ys) // 25)
+            if window > 1:
+                ax.plot(xs, ys, color=colour, lw=0.6, alpha=0.25)
+            ax.plot(xs, smooth(ys, window), color=colour, lw=1.6, ls=style,
+                    label=label + (f", {window}-step mean" if window > 1 else ""))
+        title, ylabel = LOSS_LABELS.get(key, (key.replace("loss_", "").replace("_", " ") + " loss", "loss"))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step (both stages counted)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(by_stage) > 1:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Training losses (faint: every step; solid: moving average)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

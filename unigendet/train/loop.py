@@ -24,8 +24,9 @@ file checksummed, and ``--resume`` continues exactly from the newest intact one 
 refusing a changed configuration unless ``allow_config_change``; ``unigendet.train.resume``). SIGTERM/SIGINT stop
 the run at once in every phase, except inside a training step, where they take effect at the end of the step
 with a checkpoint. A non-finite loss skips the step (counted); more than ``max_nonfinite`` abort, and so does a
-checkpoint that would hold non-finite weights (the previous ones are kept). Progress is a tqdm bar; logs are
-JSONL; the run ends with loss-curve PNGs, a sample grid, held-out detection metrics and ``summary.json``.
+checkpoint that would hold non-finite weights (the previous ones are kept). Progress is a tqdm bar (plain lines
+when stderr is not a terminal); logs are JSONL; the run ends with loss-curve PNGs, a sample grid, held-out
+detection metrics and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from unigendet._progress import progress_bar
+from unigendet.prompts import FAKECLUE_QUESTION
+
+from .checks import clear_run_outputs, out_dir_problem
 from .config import OptimConfig, TrainConfig, config_to_dict
 from .distributed import (
     DistInfo,
@@ -130,6 +134,13 @@ class Trainer:
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
         self.out_dir = cfg.out_dir
+        problem = out_dir_problem(cfg)
+        barrier(self.dist)  # every process has looked before any of them writes
+        if problem is not None:
+            raise ValueError(problem)
+        if cfg.overwrite and self.dist.is_main and (removed := clear_run_outputs(self.out_dir)):
+            log.info("overwrite: removed the previous run's %s from %s", ", ".join(removed), self.out_dir)
+        barrier(self.dist)
         os.makedirs(self.out_dir, exist_ok=True)
         self.logger = JsonlLogger(os.path.join(self.out_dir, "train.jsonl"), enabled=self.dist.is_main)
         self.ckpt = CheckpointManager(self.out_dir, keep_last=cfg.keep_last)
@@ -202,7 +213,8 @@ class Trainer:
         from unigendet.data import PackingConfig
 
         d = self.cfg.data
-        kw = dict(gen_weight=d.gen_ratio, det_weight=d.det_ratio, text_cond_dropout_prob=d.cfg_text_dropout)
+        kw = dict(gen_weight=d.gen_ratio, det_weight=d.det_ratio, text_cond_dropout_prob=d.cfg_text_dropout,
+                  diga_prompt=self.cfg.diga_prompt)
         for key, value in (("expected_num_tokens", d.expected_tokens), ("max_num_tokens", d.max_tokens),
                            ("max_num_tokens_per_sample", d.max_tokens_per_sample)):
             if value is not None:
@@ -330,8 +342,8 @@ class Trainer:
         if step < scfg.steps:
             packs = _primed(packs)  # plan up to the resume position here, where a signal stops the run at once
         accum = max(1, cfg.grad_accum)
-        bar = tqdm(total=scfg.steps, initial=step, desc=f"round {rnd} {stage.upper()}", disable=not self.progress,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(total=scfg.steps, initial=step, desc=f"round {rnd} {stage.upper()}", unit="step",
+                           disable=not self.progress)
         tokens_done, t_start = 0, time.perf_counter()
         self.model.train()
         self._defer_signals = True  # from here on a signal takes effect at the end of the current step
@@ -622,7 +634,7 @@ class Trainer:
             _save_png(img, path)
             records.append(DetectionRecord(
                 id=f"selfgen-r{rnd}-{i}", image=path, label=0, cate="self-generated",
-                question="<image>Does the image looks real/fake?",
+                question=FAKECLUE_QUESTION,
                 answer="This is a fake image. It was synthesised by the current generator: "
                        "its textures and colours carry the generator's own rendering artefacts."))
         return records
