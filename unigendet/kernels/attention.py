@@ -80,24 +80,34 @@ CONFIGS = {
     "dkdv_atomic": _configs([(64, 64, 8, 1), (32, 128, 8, 1), (32, 64, 8, 2), (64, 128, 8, 1)]),
 }
 # The small tiles for fp32 (whose IEEE matmuls run on FMA units and whose wider elements spill large tiles).
-FP32_CONFIG = {"fwd": (32, 32, 4, 2), "dq": (32, 16, 4, 2), "dkdv": (16, 32, 4, 1), "dkdv_atomic": (16, 32, 4, 1)}
+FP32_CONFIG = {"fwd": (32, 16, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 8, 1), "dkdv_atomic": (16, 32, 8, 1)}
 
 
-def first_choice_index(kernel: str, head_dim: int, num_sources: int = 1) -> int:
-    """Index in ``CONFIGS[kernel]`` of the configuration used without autotuning (16-bit dtypes).
+def first_choice_index(kernel: str, head_dim: int, num_sources: int = 1, arch: int = 90) -> int:
+    """Index in ``CONFIGS[kernel]`` of the configuration used without autotuning (16-bit dtypes) on sm_``arch``.
 
     Chosen from the ahead-of-time check under Triton 3.6 and 3.9: the largest tiles that spill under neither.
-    128 keys per forward step except at padded head dims (72: the second column block's registers) and with
-    several sources (the per-entry source select), where 64; 64 keys per dK/dV program, pipelined up to head
-    dim 72 and not at 128.
+    sm_90: 128 keys per forward step except at padded head dims (72: the second column block's registers) and
+    with several sources (the per-entry source select), where 64; 64 keys per dK/dV program, pipelined up to head
+    dim 72 and not at 128. sm_80 (mma.sync keeps more in registers): 64 keys per forward step, and 32 per dQ step
+    above head dim 64.
     """
-    if kernel == "fwd" and (head_dim > 64 and (head_dim & (head_dim - 1) or num_sources > 1)):
-        return 1
+    if kernel == "fwd":
+        if arch < 90 or (head_dim > 64 and (head_dim & (head_dim - 1) or num_sources > 1)):
+            return 1
+    if kernel == "dq" and arch < 90 and head_dim > 64:
+        return 2
     if kernel == "dkdv" and head_dim > 72:
         return 1
     if kernel == "dkdv_atomic" and head_dim > 64:
         return 1
     return 0
+
+
+def atomic_dq_supported(arch: int) -> bool:
+    """The atomic-dQ backward needs Hopper's bulk tensor reductions: element atomics beside dK/dV spill on sm_80,
+    where ``deterministic=False`` runs the deterministic kernels instead."""
+    return arch >= 90
 
 
 PREPROCESS_BLOCK_T = 64

@@ -79,8 +79,15 @@ def autotune_mode() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _candidates(name: str, dtype: torch.dtype, head_dim: int, num_sources: int = 1) -> list:
-    """The candidate configurations of a kernel for a dtype and head dim, first choice first."""
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _candidates(name: str, dtype: torch.dtype, head_dim: int, num_sources: int = 1, arch: int = 90) -> list:
+    """The candidate configurations of a kernel for a dtype, head dim and architecture, first choice first."""
     import triton
 
     k = _kernels()
@@ -88,13 +95,13 @@ def _candidates(name: str, dtype: torch.dtype, head_dim: int, num_sources: int =
         bm, bn, w, s = k.FP32_CONFIG[name]
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
     cands = list(k.CONFIGS[name])
-    i = k.first_choice_index(name, head_dim, num_sources)
+    i = k.first_choice_index(name, head_dim, num_sources, arch)
     return [cands[i], *cands[:i], *cands[i + 1:]]
 
 
-def first_choice(name: str, dtype: torch.dtype, head_dim: int, num_sources: int = 1):
+def first_choice(name: str, dtype: torch.dtype, head_dim: int, num_sources: int = 1, arch: int = 90):
     """The configuration kernel ``name`` (``fwd``, ``dq``, ``dkdv``, ``dkdv_atomic``) runs when autotuning is off."""
-    return _candidates(name, dtype, head_dim, num_sources)[0]
+    return _candidates(name, dtype, head_dim, num_sources, arch)[0]
 
 
 _CHOSEN: dict[tuple, object] = {}
@@ -102,7 +109,7 @@ _CHOSEN: dict[tuple, object] = {}
 
 def _choose(name: str, q: torch.Tensor, head_dim: int, num_sources: int, launch):
     """The configuration to launch with; ``launch(config)`` runs the kernel (used to time candidates)."""
-    first = first_choice(name, q.dtype, head_dim, num_sources)
+    first = first_choice(name, q.dtype, head_dim, num_sources, _arch(q.device))
     if autotune_mode() == "off":
         return first
     key = (name, q.dtype, head_dim, num_sources, q.device.index)
@@ -112,7 +119,7 @@ def _choose(name: str, q: torch.Tensor, head_dim: int, num_sources: int, launch)
         return first  # never time (or synchronise) inside a graph capture
     from triton.testing import do_bench
 
-    cands = _candidates(name, q.dtype, head_dim, num_sources)
+    cands = _candidates(name, q.dtype, head_dim, num_sources, _arch(q.device))
     times = []
     for c in cands:
         try:
@@ -442,8 +449,8 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
         q, ks, vs, plan, softmax_scale: as for :func:`packed_attention_fwd_triton`.
         out: (total_q, H, D) forward output; lse: (H, total_q) float32 forward log-sum-exp.
         deterministic: True: dQ by query tiles, bit-for-bit reproducible, no atomics (7 matmuls per tile pair);
-            False: dQ accumulated by the dK/dV kernel with fp32 atomics (5 matmuls per tile pair; the last bits
-            of dQ vary between runs).
+            False: dQ accumulated by the dK/dV kernel with fp32 bulk reductions (5 matmuls per tile pair; the last
+            bits of dQ vary between runs), on Hopper or newer (elsewhere the deterministic kernels run).
 
     Returns:
         dq (total_q, H, D), dks and dvs (lists with one tensor per source, None for an absent one),
@@ -488,8 +495,9 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
         out, dout, delta, total_q, H, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_T=block_t,
     )
 
-    # 2. dQ: by query tiles (deterministic), or as fp32 sums from the dK/dV programs (atomic).
-    atomic = not deterministic
+    # 2. dQ: by query tiles (deterministic), or as fp32 sums from the dK/dV programs (atomic; Hopper or newer,
+    #    and under the interpreter, which checks its logic on the CPU).
+    atomic = not deterministic and (_interpret() or k.atomic_dq_supported(_arch(q.device)))
     if atomic:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dq = None
@@ -529,7 +537,7 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
             launch_dkdv(None)
         elif atomic:
             # Timing would add into dq_acc: the atomic form runs its first choice.
-            launch_dkdv(first_choice("dkdv_atomic", q.dtype, D, len(ks)))
+            launch_dkdv(first_choice("dkdv_atomic", q.dtype, D, len(ks), _arch(q.device)))
         else:
             launch_dkdv(_choose("dkdv", q, D, len(ks), launch_dkdv))
     if atomic:
