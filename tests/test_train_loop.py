@@ -22,7 +22,7 @@ BASE = ["--lr=1e-4", "--optim.warmup_steps=0", "--data.expected_tokens=512", "--
         "--data.max_tokens_per_sample=512", "--data.det_ratio=1", "--data.gen_ratio=1", "--log_every=1",
         "--grad_accum=1", "--ema=0"]
 # ... and no end-of-run evaluation or samples unless a test is about them.
-QUIET = [*BASE, "--eval_samples=0", "--sample_images=0"]
+QUIET = [*BASE, "--eval_samples=0", "--sample_images=0", "--gen_eval_samples=0"]
 
 
 def _env(**extra):
@@ -372,7 +372,8 @@ def test_short_full_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(
         [sys.executable, "-m", "unigendet.train", *BASE, "--no-progress", f"--out-dir={out}", "--gduf.steps=2",
-         "--diga.steps=2", "--eval_samples=4", "--eval_max_new_tokens=8", "--sample_images=2", "--sample_steps=2"],
+         "--diga.steps=2", "--eval_samples=4", "--eval_max_new_tokens=8", "--sample_images=2", "--sample_steps=2",
+         "--gen_eval_samples=3"],
         capture_output=True, text=True, timeout=400, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "held-out detection accuracy" in res.stdout
@@ -390,6 +391,10 @@ def test_short_full_run_writes_every_output(tmp_path):
         assert im.width > 0 and im.height > 0
     det = summary["detection"]
     assert det["n"] == 4 and 0.0 <= det["head_accuracy"] <= 1.0 and det["report"]
+    gen = summary["generation"]  # held-out scene prompts: prompt score against the exact checks, FID
+    assert gen["n"] == 3 and 0.0 <= gen["prompt_score"] <= 1.0 and gen["chance"] == 0.3125
+    assert gen["fid"] is None or gen["fid"] >= 0.0
+    assert summary["samples"] == str(out / "samples.png") and len(os.listdir(out / "generated")) == 3
 
     model, tok, packing = load_for_inference(str(out / "final"), device="cpu")
     assert isinstance(model, UniGenDet) and not model.training and tok.vocab_size > 0 and packing is not None
@@ -404,8 +409,16 @@ def test_coevolution_round_two_trains_the_detector_on_self_generated_fakes(tmp_p
     from PIL import Image
 
     t = _trainer(tmp_path, "--rounds=2", "--gduf.steps=1", "--diga.steps=1", "--coevolution_fakes=2",
-                 "--sample_steps=2", "--save_every=1000")
+                 "--sample_steps=2", "--save_every=1000", "--gen_eval_samples=3", "--coevolution_heldout=2",
+                 "--eval_samples=4")
     summary = t.run()
+    # both detectors judged on the final generator's held-out samples, round 1's held-out samples and real photos
+    co = summary["coevolution"]
+    assert co["images"] == {"final_generator_heldout": 3, "round1_generator_heldout": 2, "real_photos": 2}
+    for name in ("round1_detector", "round2_detector"):
+        row = co["detectors"][name]
+        assert 0.0 <= row["round1_generator_heldout"]["fake_rate"] <= 1.0
+        assert row["real_photos"]["real_accuracy"] == 1.0 - row["real_photos"]["fake_rate"]
     assert list(summary["stages"]) == ["r1-gduf", "r1-diga", "r2-gduf", "r2-diga"]
     assert len(t.extra_fakes) == 2
     for rec in t.extra_fakes:

@@ -19,7 +19,7 @@ from unigendet.train.state import load_sharded
 LR = 1e-6
 BASE = [f"--lr={LR}", "--optim.warmup_steps=0", "--data.expected_tokens=512", "--data.max_tokens=640",
         "--data.max_tokens_per_sample=512", "--log_every=1", "--grad_accum=1", "--ema=0", "--eval_samples=0",
-        "--sample_images=0", "--dtype=bf16", "--seed=7", "--optim.schedule=constant"]
+        "--sample_images=0", "--gen_eval_samples=0", "--dtype=bf16", "--seed=7", "--optim.schedule=constant"]
 
 
 def _norm_weights(state: dict) -> dict:

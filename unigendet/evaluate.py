@@ -16,6 +16,7 @@ itself when it is not part of a run. Every argument is checked before the model 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -66,11 +67,15 @@ def build_parser() -> CommandParser:
     add_detection_args(d)
     add_debug_arg(d)
 
-    g = sub.add_parser("gen", help="FID of generated images and the detector's fake rate on them")
+    g = sub.add_parser("gen", help="FID and prompt score of generated images, and the detector's fake rate on them")
+    g.add_argument("--data", default=None, choices=("embedded",),
+                   help="'embedded': the held-out scenes of the embedded data set are the prompts and the FID "
+                        "reference (the tiny preset's generation domain; also reports the prompt score)")
     g.add_argument("--prompts", nargs="+", default=[], metavar="FILE",
                    help="prompt files (.txt: one per line; .json / .jsonl: prompt/caption/text records)")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    g.add_argument("--reference-dir", required=True, help="real images (or a .npz of Inception statistics)")
+    g.add_argument("--reference-dir", default=None,
+                   help="real images (or a .npz of Inception statistics); required unless --data is given")
     g.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     g.add_argument("--fid-model", default=None,
                    help="TorchScript feature network (default: the bundled Inception); needs --trust-fid-model")
@@ -184,13 +189,24 @@ def run_det(args) -> int:
 
 
 def run_gen(args) -> int:
-    from unigendet.eval import fid_from_folders
+    from unigendet.eval.generation import score_generation
     from unigendet.inference.generate import tensor_to_pil
 
     if args.fid_model is not None and not args.trust_fid_model:  # refuse before any image is generated
         raise UsageError(f"--fid-model {args.fid_model}: a TorchScript file runs as code when loaded; add "
                          "--trust-fid-model if you trust it, or omit --fid-model to use the bundled Inception")
     prompts = read_prompts(args.prompts, option="--prompts") + list(args.prompt)
+    if args.data == "embedded":
+        from unigendet.data.embedded import embedded_dataset
+
+        emb = embedded_dataset()
+        if not prompts:
+            with open(emb.generation_test_manifest, encoding="utf-8") as f:
+                prompts = [r["prompt"] for r in json.load(f)]
+        if args.reference_dir is None:
+            args.reference_dir = os.path.join(emb.laion_root, "test")
+    elif args.reference_dir is None:
+        raise UsageError("--reference-dir is required (real images to compute FID against), or --data embedded")
     if args.limit is not None:
         prompts = prompts[: args.limit]
     if len(prompts) < 2:
@@ -219,10 +235,12 @@ def run_gen(args) -> int:
     for i, img in enumerate(images):
         paths.append(os.path.join(img_dir, f"{i:05d}.png"))
         tensor_to_pil(img).save(paths[-1])
-    fid = fid_from_folders(img_dir, args.reference_dir, model_path=args.fid_model, batch_size=args.fid_batch_size,
-                           device=str(model.device), progress=not args.no_progress,
-                           trust_code=args.trust_fid_model)
-    res: dict = {"fid": float(fid), "num_generated": len(images), "generation_seconds": gen_seconds}
+    from unigendet.eval.fid import InceptionFeatureExtractor
+
+    ext = InceptionFeatureExtractor(args.fid_model, device=str(model.device), trust_code=args.trust_fid_model)
+    res: dict = score_generation(images, prompts, reference=args.reference_dir, extractor=ext,
+                                 batch_size=args.fid_batch_size, progress=not args.no_progress)
+    res.update(num_generated=len(images), generation_seconds=gen_seconds)
     if not args.no_detect:
         det = detector_from_args(model, tok, packing, args)
         results = det.detect(paths, batch_size=args.det_batch_size, seed=args.seed, progress=not args.no_progress)

@@ -1,12 +1,16 @@
-"""A small, fully offline detection + generation data set built from photographs that ship inside wheels.
+"""A small, fully offline detection + generation data set: photographs that ship inside wheels, and drawn scenes.
 
 Real images are random crops of the photos bundled with scikit-image, scikit-learn and matplotlib, half of them
 slightly out of focus. Fake images are crops of the same kind passed through processes that leave the traces image
 generators leave (a transposed-conv upsampler's checkerboard, a lossy latent autoencoder's block seams,
 noise-then-denoise re-synthesis, colour quantisation banding, low-resolution resampling), then through a decoder
 stage that leaves a faint periodic grid. Every record carries an explanation naming what is visible. The
+generation half is procedural scenes (:mod:`unigendet.data.scenes`: a coloured shape on a plain background, with
+a caption naming its colour, shape, position and background), a domain a few-million-parameter flow model learns
+in minutes and whose prompt-following can be checked exactly; real photographs stay in the detection half. The
 set is written in the FakeClue layout (``fakeclue/data_json/{train,test}.json`` + ``fakeclue/{train,test}/...``)
-and the LAION layout (``laion/final_metadata.json`` + ``laion/images/``), so the ordinary readers load it, with a
+and the LAION layout (``laion/final_metadata.json`` + ``laion/images/``; held-out scenes in
+``laion/test_metadata.json`` + ``laion/test/``), so the ordinary readers load it, with a
 data-set card (``README.md``) and a ``manifest.json`` of pixel hashes. Train and test use disjoint source photos.
 
 The build uses only numpy (PCG64 streams keyed by the seed and the sample index) and PIL, so it is deterministic;
@@ -25,11 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from unigendet.data import scenes
 from unigendet.prompts import FAKECLUE_QUESTION, detection_prompt, diga_teacher_prompt
 
 __all__ = ["EmbeddedDataset", "FAKE_PROCESSES", "SOURCES", "build_embedded", "embedded_dataset", "text_corpus"]
 
-_VERSION = 3
+_VERSION = 4
 QUESTION = FAKECLUE_QUESTION
 
 
@@ -115,14 +120,6 @@ REAL_TEMPLATES: tuple[str, ...] = (
     "with brightness, as in a genuine photograph.",
 )
 
-CAPTION_TEMPLATES: tuple[str, ...] = (
-    "a photo of {subject}",
-    "a close-up photo of {subject}",
-    "a detail of {subject}, {tone}",
-    "{subject}, {tone}, photograph",
-)
-TONES = ("bright", "dark", "colourful", "muted colours")
-
 def text_corpus() -> list[str]:
     """Every explanation, caption and prompt the embedded data set (and the DIGA teacher prompt) can contain."""
     subjects = sorted({s.subject for s in SOURCES})
@@ -131,12 +128,8 @@ def text_corpus() -> list[str]:
         for tmpls in FAKE_PROCESSES.values():
             lines += [f"This is a fake image. {t.format(subject=subj)}" for t in tmpls]
         lines += [f"This is a real image. {t.format(subject=subj)}" for t in REAL_TEMPLATES]
-        for t in CAPTION_TEMPLATES:
-            for tone in TONES:
-                cap = t.format(subject=subj, tone=tone)
-                if cap not in lines:
-                    lines.append(cap)
-        lines.append(diga_teacher_prompt(CAPTION_TEMPLATES[0].format(subject=subj), "short"))
+    for cap in scenes.scene_captions():
+        lines += [cap, diga_teacher_prompt(cap, "short")]
     return lines
 
 
@@ -370,20 +363,14 @@ def _det_records(split, n, seed, photos, sources, out_root, hashes, sizes):
     return records
 
 
-def _gen_records(n, seed, photos, sources, out_root, hashes, sizes):
+def _gen_records(n, seed, out_root, hashes, side, folder="images", stream=3):
     records = []
     for i in range(n):
-        rng = np.random.default_rng([seed, 3, i])
-        src = sources[i % len(sources)]
-        size = sizes[int(rng.integers(len(sizes)))]
-        crop = _crop(photos[src.name], rng, size)
-        mean = crop.mean() / 255.0
-        sat = float(np.mean(crop.max(axis=2).astype(np.int32) - crop.min(axis=2)) / 255.0)
-        tone = "bright" if mean > 0.6 else "dark" if mean < 0.3 else "colourful" if sat > 0.25 else "muted colours"
-        tmpl = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-        rel = f"images/{i:05d}.png"
-        hashes[f"laion/{rel}"] = _save_png(crop, os.path.join(out_root, "laion", rel))
-        records.append({"image_path": rel, "prompt": tmpl.format(subject=src.subject, tone=tone)})
+        rng = np.random.default_rng([seed, stream, i])
+        scene = scenes.sample_scene(rng)
+        rel = f"{folder}/{i:05d}.png"
+        hashes[f"laion/{rel}"] = _save_png(scenes.render(scene, side), os.path.join(out_root, "laion", rel))
+        records.append({"image_path": rel, "prompt": scenes.caption(scene, int(rng.integers(2)))})
     return records
 
 
@@ -409,10 +396,17 @@ built deterministically by `unigendet.data.embedded.build_embedded` (seed {seed}
   three wordings per process). Labels: 0 = fake, 1 = real (FakeClue convention). Classes alternate, so each split
   is balanced, and every process is applied to crops of every source photograph.
 * **Splits**: by source photograph. Train sources: {train_sources}. Test sources: {test_sources}.
-* **Sizes**: detection train {n_train}, detection test {n_test}, generation {n_gen} (train sources only).
+* **Generation scenes** (`unigendet.data.scenes`): {gen_side}x{gen_side} images of one flat-coloured shape
+  (circle, square or triangle; red, green, blue, yellow, magenta or cyan; 40-48 % of the side) centred, with a
+  little jitter, in one quadrant of a white or black background, anti-aliased. Captions name all four attributes
+  ("a red circle at the top left on a white background", two wordings); `unigendet.data.scenes.read_scene`
+  reads them back from the pixels, which gives an exact prompt-following score for generated images.
+* **Sizes**: detection train {n_train}, detection test {n_test}, generation train {n_gen}, generation held-out
+  {n_gen_test} (the FID reference).
 * **Layout**: `fakeclue/data_json/{{train,test}}.json` (FakeClue records plus a `source` key) with images under
   `fakeclue/{{train,test}}/<cate>/<real|fake>/`; `laion/final_metadata.json` (`image_path`, `prompt`) with images
-  under `laion/images/`. `manifest.json` holds a SHA-256 of every image's pixels and of the record files.
+  under `laion/images/`, and the held-out scenes in `laion/test_metadata.json` with images under `laion/test/`.
+  `manifest.json` holds a SHA-256 of every image's pixels and of the record files.
 * **Licences**: the source photos keep their licences (scikit-image data: public domain / CC0 per its README;
   scikit-learn sample images: CC BY; Grace Hopper portrait: public domain).
 * **Intended use**: smoke tests and tiny CPU training runs. The artefacts are synthetic stand-ins for real
@@ -421,7 +415,14 @@ built deterministically by `unigendet.data.embedded.build_embedded` (seed {seed}
 
 
 def build_embedded(
-    out_dir: str, *, image_size: int = 64, n_train: int = 1600, n_test: int = 240, n_gen: int = 600, seed: int = 0
+    out_dir: str,
+    *,
+    image_size: int = 64,
+    n_train: int = 1600,
+    n_test: int = 240,
+    n_gen: int = 600,
+    n_gen_test: int = 200,
+    seed: int = 0,
 ) -> dict:
     """Write the data set into ``out_dir`` (created) and return its manifest (also saved as ``manifest.json``)."""
     if image_size % 8:
@@ -433,11 +434,13 @@ def build_embedded(
     hashes: dict[str, str] = {}
     train = _det_records("train", n_train, seed, photos, train_src, out_dir, hashes, sizes)
     test = _det_records("test", n_test, seed, photos, test_src, out_dir, hashes, sizes)
-    gen = _gen_records(n_gen, seed, photos, train_src, out_dir, hashes, sizes)
+    gen = _gen_records(n_gen, seed, out_dir, hashes, image_size)
+    gen_test = _gen_records(n_gen_test, seed, out_dir, hashes, image_size, folder="test", stream=4)
     files = {
         "fakeclue/data_json/train.json": train,
         "fakeclue/data_json/test.json": test,
         "laion/final_metadata.json": gen,
+        "laion/test_metadata.json": gen_test,
     }
     for rel, obj in files.items():
         path = os.path.join(out_dir, rel)
@@ -449,7 +452,8 @@ def build_embedded(
     digest = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
     manifest = {
         "version": _VERSION,
-        "params": {"image_size": image_size, "n_train": n_train, "n_test": n_test, "n_gen": n_gen, "seed": seed},
+        "params": {"image_size": image_size, "n_train": n_train, "n_test": n_test, "n_gen": n_gen,
+                   "n_gen_test": n_gen_test, "seed": seed},
         "digest": digest,
         "files": dict(sorted(hashes.items())),
     }
@@ -466,6 +470,8 @@ def build_embedded(
                 n_train=n_train,
                 n_test=n_test,
                 n_gen=n_gen,
+                n_gen_test=n_gen_test,
+                gen_side=image_size,
                 stride=_DECODER_STRIDE,
                 gains=", ".join(f"{g:.2f}" for g in _decoder_gain(_DECODER_STRIDE, _DECODER_KERNEL)),
             )
@@ -486,6 +492,11 @@ class EmbeddedDataset:
     @property
     def laion_root(self) -> str:
         return os.path.join(self.root, "laion")
+
+    @property
+    def generation_test_manifest(self) -> str:
+        """The held-out scenes (``image_path``, ``prompt``): the FID reference and the prompts of ``evaluate gen``."""
+        return os.path.join(self.laion_root, "test_metadata.json")
 
     @property
     def manifest(self) -> dict:

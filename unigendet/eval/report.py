@@ -91,6 +91,9 @@ def generation_markdown(result: Mapping[str, Any], title: str = "Generation resu
     """Render a flat mapping of generation metrics (e.g. FID) as a two-column Markdown table."""
     lines = [f"## {title}", "", "| metric | value |", "| --- | ---: |"]
     for key, value in result.items():
+        if isinstance(value, Mapping) and value and all(isinstance(v, float) for v in value.values()):
+            lines += [f"| {key}.{k} | {v:.4f} |" for k, v in value.items()]  # e.g. per-attribute accuracies
+            continue
         if isinstance(value, float):
             text = f"{value:.4f}"
         elif isinstance(value, (Mapping, list, tuple)):

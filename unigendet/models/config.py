@@ -63,7 +63,8 @@ LIMITS: dict[str, dict[str, tuple[float, float]]] = {
     },
     "UniGenDetConfig": {
         "latent_patch_size": (1, 64), "max_latent_size": (1, 1 << 12), "vit_max_num_patch_per_side": (1, 1 << 12),
-        "timestep_shift": (1e-6, 1e6), "diga_layer": (1, 1024), "diga_mlp_ratio": (1, 64),
+        "timestep_shift": (1e-6, 1e6), "timestep_embed_scale": (1e-6, 1e6), "diga_layer": (1, 1024),
+        "diga_mlp_ratio": (1, 64),
     },
 }
 
@@ -285,6 +286,8 @@ class VAEConfig:
     ``kind="flux"``: the FLUX AE through diffusers ``AutoencoderKL`` (the remaining fields are its architecture).
     ``kind="space_to_depth"``: an exactly invertible, parameter-free pixel-space stand-in for small tests: the
     latent of an image (3, H, W) is its space-to-depth rearrangement (3*d*d, H/d, W/d), d = ``downsample``.
+    ``kind="dct"``: a parameter-free low-pass autoencoder (the ``tiny`` preset's): each d x d block of each channel
+    keeps its k x k lowest-frequency DCT coefficients, ``z_channels = 3*k*k`` (:class:`unigendet.models.vae.DCTVAE`).
     """
 
     kind: str = "flux"
@@ -304,8 +307,12 @@ class VAEConfig:
         if not self.block_out_channels or not all(1 <= c <= 1 << 14 for c in self.block_out_channels):
             raise ConfigError(f"VAEConfig: field 'block_out_channels' must be 1 to 16384 channels per block, got "
                               f"{self.block_out_channels!r}")
-        if self.kind not in ("flux", "space_to_depth"):
-            raise ValueError(f"VAE kind must be 'flux' or 'space_to_depth', got {self.kind!r}")
+        if self.kind not in ("flux", "dct", "space_to_depth"):
+            raise ValueError(f"VAE kind must be 'flux', 'dct' or 'space_to_depth', got {self.kind!r}")
+        keep = int(round((self.z_channels // 3) ** 0.5))
+        if self.kind == "dct" and not (self.z_channels == 3 * keep * keep and 1 <= keep <= self.downsample):
+            raise ValueError(f"dct VAE: z_channels must be 3*k*k with 1 <= k <= downsample ({self.downsample}), "
+                             f"got {self.z_channels}")
         if self.kind == "space_to_depth" and self.z_channels != 3 * self.downsample**2:
             raise ValueError(f"space_to_depth needs z_channels == 3*downsample**2 = {3 * self.downsample**2}")
         if self.kind == "flux" and 2 ** (len(self.block_out_channels) - 1) != self.downsample:
@@ -324,6 +331,15 @@ class UniGenDetConfig:
     vit_max_num_patch_per_side: int = 70
     connector_act: str = "gelu_pytorch_tanh"
     timestep_shift: float = 1.0
+    #: t is multiplied by this before the sinusoidal timestep embedding. BAGEL feeds t in [0, 1] unscaled (1.0) to
+    #: DiT's embedder, built for t in [0, 1000]: only its few fastest frequencies change over the whole range, a
+    #: weak time signal that a pretrained model has adapted to. A model trained from scratch (the tiny preset,
+    #: 1000 as DiT) learns the time dependence of the velocity far sooner with the full range.
+    timestep_embed_scale: float = 1.0
+    #: fresh-model init of ``vae2llm`` / ``llm2vae``: "zero" (BAGEL: ``llm2vae`` starts at zero) or "tied" (a random
+    #: orthogonal ``vae2llm`` and its transpose as ``llm2vae``, so a model trained from scratch starts out passing the
+    #: noisy latent through, the bulk of the velocity it must learn; the tiny preset's). Loaded weights override it.
+    latent_connector_init: str = "zero"
     diga_layer: int = 8
     diga_mlp_ratio: int = 4
     smsa_mode: str = "reference"
@@ -334,6 +350,8 @@ class UniGenDetConfig:
 
     def __post_init__(self):
         _check_fields(self)
+        if self.latent_connector_init not in ("zero", "tied"):
+            raise ValueError(f"latent_connector_init must be 'zero' or 'tied', got {self.latent_connector_init!r}")
         if self.smsa_mode not in SMSA_MODES:
             raise ValueError(f"smsa_mode must be one of {SMSA_MODES}, got {self.smsa_mode!r}")
         if not 1 <= self.diga_layer <= self.llm.num_hidden_layers:
@@ -428,12 +446,15 @@ def _tiny() -> UniGenDetConfig:
             patch_size=14,
             drop_last_layers=1,
         ),
-        vae=VAEConfig(kind="space_to_depth", z_channels=192, downsample=8, scale_factor=1.0, shift_factor=0.0),
+        # 2 x 2 DCT frequencies per 8 x 8 block: 48 numbers per latent token, below the hidden size (see DCTVAE)
+        vae=VAEConfig(kind="dct", z_channels=12, downsample=8, scale_factor=3.0, shift_factor=0.0),
         latent_patch_size=2,
         max_latent_size=4,
         vit_max_num_patch_per_side=4,
         diga_layer=2,
         cls_head_act="gelu",
+        timestep_embed_scale=1000.0,
+        latent_connector_init="tied",
     )
 
 

@@ -50,17 +50,21 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
 
 
 class TimestepEmbedder(nn.Module):
-    """``time_embedder``: sinusoid(256) -> Linear -> SiLU -> Linear (keys ``mlp.0``, ``mlp.2``)."""
+    """``time_embedder``: sinusoid(256) of ``scale * t`` -> Linear -> SiLU -> Linear (keys ``mlp.0``, ``mlp.2``).
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    ``scale`` 1 is BAGEL's (t in [0, 1] as it is); see ``UniGenDetConfig.timestep_embed_scale``.
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, scale: float = 1.0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.scale = float(scale)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.frequency_embedding_size)
+        emb = timestep_embedding(t * self.scale if self.scale != 1.0 else t, self.frequency_embedding_size)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 

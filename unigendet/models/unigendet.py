@@ -65,7 +65,7 @@ class UniGenDet(nn.Module):
             self.connector = MLPconnector(config.vit.hidden_size, h, config.connector_act)
             self.vit_pos_embed = PositionEmbedding(config.vit_max_num_patch_per_side, h)
         if config.visual_gen:
-            self.time_embedder = TimestepEmbedder(h)
+            self.time_embedder = TimestepEmbedder(h, scale=config.timestep_embed_scale)
             self.vae2llm = nn.Linear(config.patch_latent_dim, h)
             self.llm2vae = nn.Linear(h, config.patch_latent_dim)
             self.latent_pos_embed = PositionEmbedding(config.max_latent_size, h)
@@ -78,7 +78,8 @@ class UniGenDet(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Fresh-model initialisation (HF-style normal(0, std) linears/embeddings; ``llm2vae`` zero, as BAGEL)."""
+        """Fresh-model initialisation (HF-style normal(0, std) linears/embeddings; ``llm2vae`` zero, as BAGEL, or
+        the tied orthogonal pair of ``config.latent_connector_init="tied"``)."""
         for name, m in self.named_modules():
             if name == "vae" or name.startswith("vae."):
                 continue
@@ -93,6 +94,11 @@ class UniGenDet(nn.Module):
         if self.config.visual_gen:
             nn.init.zeros_(self.llm2vae.weight)
             nn.init.zeros_(self.llm2vae.bias)
+            if self.config.latent_connector_init == "tied":  # see UniGenDetConfig.latent_connector_init
+                w = torch.empty_like(self.vae2llm.weight)
+                nn.init.orthogonal_(w)
+                self.vae2llm.weight.copy_(w)
+                self.llm2vae.weight.copy_(w.T)
         self.reset_fixed_buffers()
 
     @torch.no_grad()
@@ -114,7 +120,6 @@ class UniGenDet(nn.Module):
         """
         if stage not in ("gduf", "diga"):
             raise ValueError(f"stage must be 'gduf' or 'diga', got {stage!r}")
-        heads = ("time_embedder.", "vae2llm.", "llm2vae.", "diga_mlp.")
         names = []
         for n, p in self.named_parameters():
             if n.startswith("vae."):
@@ -122,11 +127,17 @@ class UniGenDet(nn.Module):
             elif stage == "gduf":
                 train = True
             else:
-                train = "moe_gen" in n or n.startswith(heads)
+                train = self.is_generation_parameter(n)
             p.requires_grad_(train)
             if train:
                 names.append(n)
         return names
+
+    @staticmethod
+    def is_generation_parameter(name: str) -> bool:
+        """The generation side of the model: the generation expert (``moe_gen``), ``time_embedder``, ``vae2llm``,
+        ``llm2vae`` and ``diga_mlp`` (what DIGA trains; ``optim.gen_lr_scale`` scales its learning rate)."""
+        return "moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae.", "diga_mlp."))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.language_model.model.gradient_checkpointing = enabled

@@ -51,6 +51,9 @@ class OptimConfig:
     schedule: str = "constant"
     #: final learning rate of the cosine schedule, as a fraction of lr
     min_lr_ratio: float = 0.1
+    #: learning rate of the generation side (generation expert, timestep embedder, latent connectors, DIGA MLP) as a
+    #: multiple of lr
+    gen_lr_scale: float = 1.0
     #: gradient-norm clipping (0: off)
     clip_grad_norm: float = 1.0
     #: "auto": NVIDIA apex FusedAdam when installed, else torch's fused AdamW on CUDA, else foreach AdamW; "apex"
@@ -153,10 +156,14 @@ class TrainConfig:
     eval_max_new_tokens: int = 48
     #: images in the final sample grid (0: none)
     sample_images: int = 8
+    #: held-out scene prompts generated and scored at the end: prompt score and FID (embedded data; 0: none)
+    gen_eval_samples: int = 64
     #: flow steps for the samples and the co-evolution fakes
     sample_steps: int = 20
     #: self-generated fakes added to the detector's data in each co-evolution round after the first
     coevolution_fakes: int = 64
+    #: held-out scene prompts each co-evolution round also draws (not trained on), to compare the detectors on
+    coevolution_heldout: int = 32
     #: the DIGA teacher's forensic prompt: "short" or "official" (the official implementation's; unigendet.prompts)
     diga_prompt: str = "short"
     gduf: StageConfig = field(default_factory=lambda: StageConfig(steps=300))
@@ -166,16 +173,20 @@ class TrainConfig:
 
 
 def _tiny() -> TrainConfig:
-    # Sized for two CPU cores: a 1024-token GDUF step takes about 0.15 s there, so 1000 GDUF steps, DIGA and the
-    # final evaluation take three to four minutes. A model trained from scratch needs a higher learning rate than
-    # the paper's fine-tuning value (with a cosine decay to the end of each stage), and the detection head learns
-    # from the detection samples only, so packs are twice the tiny packing default, hold three detection samples
-    # per generation sample, and the head's loss is weighted 5.
+    # Sized for two CPU cores: 1000 GDUF steps of 1536-token packs, DIGA and the end-of-run evaluation take about
+    # four minutes there. A model trained from scratch needs a higher learning rate than the paper's fine-tuning
+    # value (with a cosine decay to the end of each stage), its generation side (trained from nothing on a task
+    # with little signal per sample) four times higher again. Packs hold about three generation samples (a caption and
+    # 16 latent tokens) per detection sample, so both halves see enough samples per step; the detection head learns
+    # from the detection samples only, so its loss is weighted 5. The flow trains with timestep shift 3 (as it
+    # samples): at shift 1 too few training steps fall at the high noise levels where the caption decides what is
+    # drawn, and the generator learns backgrounds long before it learns shapes, colours and positions.
     return TrainConfig(
+        timestep_shift=3.0,
         gduf=StageConfig(steps=1000, w_det=5.0),
         diga=StageConfig(steps=60),
-        optim=OptimConfig(lr=5e-4, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1),
-        data=DataConfig(expected_tokens=1024, max_tokens=1280, max_tokens_per_sample=512, det_ratio=3, gen_ratio=1),
+        optim=OptimConfig(lr=5e-4, gen_lr_scale=4.0, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1),
+        data=DataConfig(expected_tokens=1536, max_tokens=1792, max_tokens_per_sample=512, det_ratio=1, gen_ratio=3),
     )
 
 
@@ -203,7 +214,8 @@ PRESETS = {"tiny": _tiny, "bagel-7b-mot": _bagel_7b}
 #: they steer where and how often the run reports and saves, and the end-of-run outputs, never the training itself.
 RESUME_MUTABLE = frozenset({
     "resume", "allow_config_change", "overwrite", "out_dir", "save_every", "keep_last", "log_every", "max_nonfinite",
-    "eval_samples", "eval_max_new_tokens", "sample_images", "data.num_workers",
+    "eval_samples", "eval_max_new_tokens", "sample_images", "gen_eval_samples", "coevolution_heldout",
+    "data.num_workers",
 })
 
 
@@ -422,5 +434,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("config: resume and overwrite exclude each other (continue the run, or start it afresh)")
     if cfg.optim.schedule not in ("constant", "cosine"):
         raise ValueError(f"config: optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
+    if not cfg.optim.gen_lr_scale > 0.0:
+        raise ValueError("config: optim.gen_lr_scale must be > 0")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ValueError("config: optim.min_lr_ratio must be in [0, 1]")

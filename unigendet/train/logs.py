@@ -176,3 +176,37 @@ def plot_losses(records: list[dict], path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_samples(images, prompts: list[str], path: str, *, cols: int = 4, title: str | None = None) -> bool:
+    """A grid of generated images, each with its prompt printed (wrapped) under it. Returns False without
+    matplotlib or images. ``images``: ``(3, H, W)`` tensors in [-1, 1] or ``(H, W, 3)`` uint8 arrays."""
+    import textwrap
+
+    from unigendet.eval.generation import as_uint8
+
+    if not images:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cols = max(1, min(cols, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, prompt in zip(axes.flat, images, prompts):
+        ax.imshow(as_uint8(img), interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(prompt, 28)), fontsize=8, y=-0.02, va="top")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

@@ -210,7 +210,7 @@ class Trainer:
         return tokenizer, model
 
     def _packing_config(self):
-        from unigendet.data import PackingConfig
+        from unigendet.inference.loading import packing_for
 
         d = self.cfg.data
         kw = dict(gen_weight=d.gen_ratio, det_weight=d.det_ratio, text_cond_dropout_prob=d.cfg_text_dropout,
@@ -219,9 +219,8 @@ class Trainer:
                            ("max_num_tokens_per_sample", d.max_tokens_per_sample)):
             if value is not None:
                 kw[key] = value
-        if self.cfg.model == "tiny" and self.cfg.model_path is None:
-            return PackingConfig.tiny(**kw)
-        return PackingConfig.bagel(**kw)
+        # The geometry follows the model's position tables (a tiny checkpoint folder packs as the tiny preset).
+        return packing_for(self.model.config, **kw)
 
     def _load_records(self):
         from unigendet.data import load_records
@@ -283,10 +282,16 @@ class Trainer:
         return [p for n, p in self.model.named_parameters() if n in names]
 
     def _optimizer(self, params) -> torch.optim.Optimizer:
+        """AdamW over ``params`` = ``[(parameter, is_generation)]``: weight decay only on matrices, and the
+        generation side's learning rate scaled by ``optim.gen_lr_scale`` (one group per combination)."""
         o = self.cfg.optim
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = []
+        for gen in (False, True):
+            for decay in (True, False):
+                ps = [p for p, g in params if g == gen and (p.dim() >= 2) == decay]
+                if ps:
+                    groups.append({"params": ps, "weight_decay": o.weight_decay if decay else 0.0,
+                                   "lr": o.lr * (o.gen_lr_scale if gen else 1.0)})
         impl = o.impl
         if impl in ("auto", "apex"):
             try:
@@ -320,8 +325,9 @@ class Trainer:
         # parameters, hence the lookup after wrapping), and follows requires_grad changes by itself.
         model = wrap_model(self.model, self.dist, cfg.parallel, blocks=list(self.model.language_model.model.layers),
                            param_dtype=self.amp_dtype or torch.float32, ignored=[self.model.vae])
+        gen = {id(p) for n, p in self.model.named_parameters() if self.model.is_generation_parameter(n)}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = self._optimizer(params)
+        opt = self._optimizer([(p, id(p) in gen) for p in params])
         sched = self._scheduler(opt, scfg.steps)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
                if p.requires_grad} if cfg.ema > 0 else None
@@ -614,22 +620,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ co-evolution
     def _self_generated_fakes(self, rnd: int) -> list:
-        """Images the current generator makes from training captions, as fake detection records."""
+        """Images the current generator makes from training captions, as fake detection records.
+
+        The same call also draws ``coevolution_heldout`` images from held-out scene prompts into
+        ``round<rnd>/heldout_fakes`` (never trained on), on which the end of the run compares the detectors.
+        """
         from unigendet.data import DetectionRecord
         from unigendet.inference import ImageGenerator
 
+        from .evaluation import heldout_scene_prompts, save_images
+
         n = max(1, min(len(self.gen_records), self.cfg.coevolution_fakes))
         prompts = [r.prompt for r in self.gen_records[:n]]
+        heldout = []
+        if self.cfg.data.source == "embedded" and self.cfg.coevolution_heldout > 0:
+            heldout = heldout_scene_prompts(self.cfg.coevolution_heldout, offset=self.cfg.gen_eval_samples)
         folder = os.path.join(self.out_dir, f"round{rnd}", "fakes")
         os.makedirs(folder, exist_ok=True)
         model = self.model
         if is_sharded(model):  # sampling calls into the model outside forward(): use a whole copy
             model = self._plain_copy(full_model_state(model, all_ranks=True))
         gen = ImageGenerator(model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
-        images = gen.generate(prompts, seed=self.cfg.seed + rnd, progress=self.progress)
+        images = gen.generate(prompts + heldout, seed=self.cfg.seed + rnd, progress=self.progress)
         del gen, model
+        if heldout and self.dist.is_main:
+            save_images(images[n:], os.path.join(self.out_dir, f"round{rnd}", "heldout_fakes"))
         records = []
-        for i, img in enumerate(images):
+        for i, img in enumerate(images[:n]):
             path = os.path.join(folder, f"{i:05d}.png")
             _save_png(img, path)
             records.append(DetectionRecord(
@@ -721,9 +738,43 @@ class Trainer:
         out["throughput"] = self._throughput()
         if self.cfg.eval_samples > 0 and self.test_records:
             out["detection"] = self.evaluate_detection(self.test_records[: self.cfg.eval_samples])
-        if self.cfg.sample_images > 0 and self.gen_records:
+        if self.model.config.visual_gen and self.cfg.data.source == "embedded" and self.cfg.gen_eval_samples > 0:
+            from .evaluation import evaluate_generation
+
+            out["generation"], _ = evaluate_generation(
+                self.model, self.tokenizer, self.packing, n=self.cfg.gen_eval_samples, seed=self.cfg.seed,
+                steps=self.cfg.sample_steps, out_dir=self.out_dir, sample_images=self.cfg.sample_images,
+                progress=self.progress)
+            if "samples" in out["generation"]:
+                out["samples"] = out["generation"]["samples"]
+            if self.cfg.rounds >= 2 and self.cfg.stage == "all":
+                out["coevolution"] = self.coevolution()
+        elif self.cfg.sample_images > 0 and self.gen_records:
             out["samples"] = self.sample_grid(self.cfg.sample_images)
         return out
+
+    def coevolution(self) -> dict:
+        """Round 1's detector against the final one on the final generator's held-out samples, round 1's
+        generator's held-out samples (drawn when round 2 began, never trained on) and the held-out real photos."""
+        from .evaluation import coevolution_report
+
+        def pngs(folder):
+            return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png")) \
+                if os.path.isdir(folder) else []
+
+        sets = {
+            "final_generator_heldout": pngs(os.path.join(self.out_dir, "generated")),
+            "round1_generator_heldout": pngs(os.path.join(self.out_dir, "round2", "heldout_fakes")),
+            "real_photos": [r.image for r in self.test_records if r.label == 1][: self.cfg.eval_samples // 2],
+        }
+        first = self._plain_copy(load_sharded(self._snapshot_dir(1)))
+        detectors = {"round1_detector": first, f"round{self.cfg.rounds}_detector": self.model}
+        report = coevolution_report(detectors, self.tokenizer, self.packing, sets, smsa=self.cfg.smsa,
+                                    progress=self.progress)
+        del first
+        return {"detectors": report, "images": {k: len(v) for k, v in sets.items()},
+                "note": "fake_rate: share of images the detection head calls fake; real_accuracy: share of the "
+                        "held-out real photographs it calls real"}
 
     def _throughput(self) -> dict:
         from .flops import PaperSchedule
@@ -774,16 +825,18 @@ class Trainer:
         return {"n": len(records), "head_accuracy": head_acc, "report": report}
 
     def sample_grid(self, n: int) -> str:
-        from unigendet.inference import ImageGenerator
+        """``samples.png``: images from the first ``n`` training captions, each under its prompt (data sets without
+        held-out scenes; the embedded one draws its grid in :func:`evaluate_generation`)."""
+        from .evaluation import generate
+        from .logs import plot_samples
 
-        self.model.eval()
-        gen = ImageGenerator(self.model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
         prompts = [r.prompt for r in self.gen_records[:n]]
-        with torch.no_grad():
-            images = gen.generate(prompts, seed=self.cfg.seed, progress=self.progress)
-        path = os.path.join(self.out_dir, "samples.png")
-        _save_grid(images, path)
+        self.model.eval()
+        images = generate(self.model, self.tokenizer, self.packing, prompts, seed=self.cfg.seed,
+                          steps=self.cfg.sample_steps, progress=self.progress)
         self.model.train()
+        path = os.path.join(self.out_dir, "samples.png")
+        plot_samples(images, prompts, path)
         return path
 
 
@@ -825,20 +878,6 @@ def _save_png(img: torch.Tensor, path: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     Image.fromarray(_to_uint8(img)).save(tmp, format="PNG")
     os.replace(tmp, path)
-
-
-def _save_grid(images: list[torch.Tensor], path: str, cols: int = 4) -> None:
-    from PIL import Image
-
-    arrs = [_to_uint8(i) for i in images]
-    h = max(a.shape[0] for a in arrs)
-    w = max(a.shape[1] for a in arrs)
-    rows = (len(arrs) + cols - 1) // cols
-    grid = np.full((rows * h, min(cols, len(arrs)) * w, 3), 255, dtype=np.uint8)
-    for i, a in enumerate(arrs):
-        r, c = divmod(i, cols)
-        grid[r * h: r * h + a.shape[0], c * w: c * w + a.shape[1]] = a
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:

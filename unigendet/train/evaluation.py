@@ -1,0 +1,130 @@
+"""End-of-run evaluation of the generative half and of co-evolution (what ``summary.json`` reports beside detection).
+
+* :func:`evaluate_generation`: images from held-out scene prompts of the embedded data set, their prompt-following
+  score and FID against the held-out scenes (bundled Inception), and ``samples.png`` with each prompt under its
+  image.
+* :func:`fake_rates`: the detection head's verdicts on a set of images (the share it calls fake, the mean
+  probability of fake).
+* :func:`coevolution_report`: after ``--rounds 2`` or more, the last round's detector and the first round's detector
+  compared on the same images: fresh samples of the final generator, held-out samples of the first round's
+  generator (never trained on), and the held-out real photographs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("unigendet.train")
+
+__all__ = ["coevolution_report", "evaluate_generation", "fake_rates", "heldout_scene_prompts", "save_images"]
+
+
+def heldout_scene_prompts(n: int, offset: int = 0) -> list[str]:
+    """Prompts ``offset .. offset + n`` of the embedded data set's held-out scenes (never trained on)."""
+    import json
+
+    from unigendet.data.embedded import embedded_dataset
+
+    with open(embedded_dataset().generation_test_manifest, encoding="utf-8") as f:
+        records = json.load(f)
+    return [r["prompt"] for r in records[offset : offset + n]]
+
+
+def save_images(images, folder: str) -> list[str]:
+    """Write ``images`` (``(3, H, W)`` in [-1, 1]) as ``folder/00000.png`` ...; returns the paths."""
+    from PIL import Image
+
+    from unigendet.eval.generation import as_uint8
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = os.path.join(folder, f"{i:05d}.png")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        Image.fromarray(as_uint8(img)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def generate(model, tokenizer, packing, prompts, *, seed: int, steps: int, progress: bool):
+    from unigendet.inference import ImageGenerator
+
+    was_training = model.training
+    gen = ImageGenerator(model, tokenizer, packing, steps=steps)
+    with torch.no_grad():
+        images = gen.generate(prompts, seed=seed, progress=progress)
+    model.train(was_training)
+    return images
+
+
+def evaluate_generation(model, tokenizer, packing, *, n: int, seed: int, steps: int, out_dir: str,
+                        sample_images: int, progress: bool) -> tuple[dict, list]:
+    """Generate ``n`` held-out scene prompts, score them, draw the sample grid; returns ``(summary, images)``."""
+    from unigendet.data.embedded import embedded_dataset
+    from unigendet.eval.generation import scene_reference_activations, score_generation
+
+    from .logs import plot_samples
+
+    prompts = heldout_scene_prompts(n)
+    images = generate(model, tokenizer, packing, prompts, seed=seed, steps=steps, progress=progress)
+    save_images(images, os.path.join(out_dir, "generated"))
+    reference = extractor = None
+    fid_note = None
+    try:
+        from unigendet.eval.fid import InceptionFeatureExtractor
+
+        extractor = InceptionFeatureExtractor()
+        reference = scene_reference_activations(embedded_dataset(), extractor, progress=progress)
+    except (FileNotFoundError, ImportError) as e:  # no bundled Inception: the prompt score still counts
+        fid_note = f"FID skipped: {e}"
+        log.warning("%s", fid_note)
+    result = score_generation(images, prompts, reference=reference, extractor=extractor, progress=progress)
+    result.update(steps=steps, seed=seed, prompts="held-out scenes of the embedded data set (laion/test_metadata.json)")
+    if fid_note:
+        result["fid"], result["fid_note"] = None, fid_note
+    if sample_images > 0:
+        path = os.path.join(out_dir, "samples.png")
+        title = f"prompt score {result['prompt_score']:.2f} (chance {result['chance']:.2f})"
+        if plot_samples(images[:sample_images], prompts[:sample_images], path, title=title):
+            result["samples"] = path
+    return result, images
+
+
+def fake_rates(model, tokenizer, packing, paths: list[str], *, smsa: str, progress: bool) -> dict:
+    """The detection head's verdicts on ``paths``: ``{"fake_rate", "mean_prob_fake", "n"}``."""
+    from unigendet.inference import Detector
+
+    was_training = model.training
+    model.eval()
+    det = Detector(model, tokenizer, packing, smsa=smsa, max_new_tokens=1)  # the head decides from the prefix
+    with torch.no_grad():
+        results = det.detect(paths, batch_size=16, progress=progress)
+    model.train(was_training)
+    n = len(results)
+    return {"fake_rate": sum(r.label == 0 for r in results) / n,
+            "mean_prob_fake": sum(r.prob_fake for r in results) / n, "n": n}
+
+
+def coevolution_report(detectors: dict, tokenizer, packing, image_sets: dict[str, list[str]], *, smsa: str,
+                       progress: bool) -> dict:
+    """``{detector name: {image set name: fake_rates(...)}}`` for every pair, plus the accuracy on real photos.
+
+    ``image_sets`` maps a name to image paths; a name starting with ``real`` reports ``real_accuracy`` (the share
+    called real) instead of the fake rate being the goal, both are always present.
+    """
+    out: dict = {}
+    for name, model in detectors.items():
+        row = {}
+        for set_name, paths in image_sets.items():
+            if not paths:
+                continue
+            r = fake_rates(model, tokenizer, packing, paths, smsa=smsa, progress=progress)
+            if set_name.startswith("real"):
+                r["real_accuracy"] = 1.0 - r["fake_rate"]
+            row[set_name] = r
+        out[name] = row
+    return out
