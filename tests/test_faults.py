@@ -39,7 +39,8 @@ from unigendet.train.state import CheckpointManager, load_sharded
 
 BASE = ["--lr=1e-4", "--optim.warmup_steps=0", "--data.expected_tokens=512", "--data.max_tokens=640",
         "--data.max_tokens_per_sample=512", "--data.det_ratio=1", "--data.gen_ratio=1", "--log_every=1",
-        "--grad_accum=1", "--ema=0", "--eval_samples=0", "--sample_images=0", "--gen_eval_samples=0", "--stage=gduf", "--seed=7"]
+        "--grad_accum=1", "--ema=0", "--eval_samples=0", "--sample_images=0", "--gen_eval_samples=0", "--stage=gduf",
+        "--seed=7"]
 STEPS = 3
 RUN = [*BASE, f"--gduf.steps={STEPS}", "--save_every=1", "--keep_last=3"]
 

@@ -23,7 +23,8 @@ def ckpt(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("tiny", ["--gduf.steps=3", "--diga.steps=1", f"--out-dir={out}", "--eval_samples=0",
-                               "--sample_images=0", "--gen_eval_samples=0", "--save_every=100", "--lr=1e-3", "--warmup_steps=0",
+                               "--sample_images=0", "--gen_eval_samples=0", "--save_every=100", "--lr=1e-3",
+                               "--warmup_steps=0",
                                "--data.expected_tokens=512", "--data.max_tokens=640",
                                "--data.max_tokens_per_sample=512"])
     train(cfg, progress=False)
