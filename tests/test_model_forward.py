@@ -92,10 +92,11 @@ def test_flow_inputs_follow_the_schedule():
     torch.testing.assert_close(t, img_t)
     clean = torch.isinf(b.vae_noise_logit)[b.vae_image_of_token]
     assert clean.any() and (t[clean] == 0).all() and (t[~clean] > 0).all()
-    # space-to-depth latents are exact: decode(encode(image)) == image
+    # the latents are the VAE's encoding of the pack's images: decoding them and encoding again gives them back
+    # (the tiny preset's DCT autoencoder is a projection, exact on its own output)
     imgs = m.decode_latents(st["x0"], b.vae_latent_grids)
-    for a, b_ in zip(imgs, b.vae_images):
-        torch.testing.assert_close(a, b_)
+    assert [tuple(a.shape) for a in imgs] == [tuple(b_.shape) for b_ in b.vae_images]
+    torch.testing.assert_close(m.encode_latents(imgs, b.vae_latent_grids), st["x0"], atol=1e-4, rtol=0)
     # the flow target at the loss positions is eps - x0 of the noisy images' tokens
     out = m(b, noise=st["noise"], latents=st["x0"])
     noisy_tok = (~clean).nonzero().squeeze(1)
