@@ -127,6 +127,20 @@ def test_evaluate_gen(ckpt, data, tmp_path):
     assert res["num_generated"] == 3 and res["fid"] >= 0
     assert 0 <= res["detector_fake_rate_head"] <= 1 and res["detector_num_unparseable"] <= 3
     assert len(os.listdir(out / "generated")) == 3
+    # scene prompts also get the exact prompt-following score
+    assert 0.0 <= res["prompt_score"] <= 1.0 and res["chance"] == 0.3125 and set(res["per_attribute"]) == {
+        "colour", "shape", "position", "background"}
+    # --data embedded: the held-out scene prompts (and, without --reference-dir, the held-out scenes as reference)
+    out2 = tmp_path / "gen2"
+    assert evaluate_cmd.main(["gen", "--checkpoint", ckpt, "--data", "embedded", "--limit", "2", "--reference-dir",
+                              str(ref), "--steps", "2", "--no-detect", "--out-dir", str(out2), "--no-progress"]) == 0
+    res2 = json.loads((out2 / "generation.json").read_text())
+    assert res2["num_generated"] == 2 and 0.0 <= res2["prompt_score"] <= 1.0
+
+
+def test_evaluate_gen_needs_a_reference(ckpt, capsys):
+    assert evaluate_cmd.main(["gen", "--checkpoint", ckpt, "--prompt", "a", "--prompt", "b"]) == 2
+    assert "--reference-dir is required" in capsys.readouterr().err
 
 
 def test_module_entry_point(ckpt, data):
