@@ -169,10 +169,10 @@ def read_scene(image) -> dict[str, str | None]:
     """The attributes an image shows, read from its pixels (``None`` where no shape is found).
 
     ``image``: an ``(H, W, 3)`` uint8 array or a PIL image. The background is the nearest background colour to the
-    median of the one-pixel border; the shape is every pixel farther than half the distance between the two
-    backgrounds from that median. Its colour is the nearest palette colour to the shape's median pixel, its
-    position the quadrant of its centroid, its kind the fraction of its bounding box it fills (below 0.64: a
-    triangle, below 0.89: a circle, else a square).
+    median of the one-pixel border; the shape is every pixel farther from that median than a quarter of the
+    distance between the two background colours. Its colour is the nearest palette colour to the shape's median
+    pixel, its position the quadrant of its centroid, its kind the fraction of its bounding box it fills (below
+    0.64: a triangle, below 0.89: a circle, else a square).
     """
     arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float64)
     if arr.ndim != 3 or arr.shape[2] != 3:
@@ -183,7 +183,7 @@ def read_scene(image) -> dict[str, str | None]:
     out: dict[str, str | None] = dict.fromkeys(ATTRIBUTES)
     out["background"] = _nearest(bg_colour, BACKGROUNDS)
     bgs = [np.asarray(v, np.float64) for v in BACKGROUNDS.values()]
-    threshold = 0.5 * float(np.sqrt(np.sum((bgs[0] - bgs[1]) ** 2))) / 2
+    threshold = float(np.sqrt(np.sum((bgs[0] - bgs[1]) ** 2))) / 4
     mask = np.sqrt(np.sum((arr - bg_colour) ** 2, axis=-1)) > threshold
     if mask.sum() < _MIN_OBJECT_FRACTION * h * w:
         return out

@@ -31,10 +31,11 @@ __all__ = ["ImageGenerator", "tensor_to_pil"]
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """``(3, H, W)`` float in [-1, 1] -> RGB PIL image (values outside the range are clipped)."""
+    from unigendet.eval.generation import as_uint8
+
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
-    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).numpy())
+    return Image.fromarray(as_uint8(image))
 
 
 def _noise_seed(seed: int, index: int) -> int:

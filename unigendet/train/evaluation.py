@@ -34,7 +34,10 @@ def heldout_scene_prompts(n: int, offset: int = 0) -> list[str]:
 
 
 def save_images(images, folder: str) -> list[str]:
-    """Write ``images`` (``(3, H, W)`` in [-1, 1]) as ``folder/00000.png`` ...; returns the paths."""
+    """Write ``images`` (``(3, H, W)`` in [-1, 1]) as ``folder/00000.png`` ...; returns the paths.
+
+    Each file is written under a temporary name and renamed into place, so a reader (or another rank writing the
+    same file) never sees a half-written image."""
     from PIL import Image
 
     from unigendet.eval.generation import as_uint8
@@ -51,14 +54,10 @@ def save_images(images, folder: str) -> list[str]:
 
 
 def generate(model, tokenizer, packing, prompts, *, seed: int, steps: int, progress: bool):
+    """Images for ``prompts`` (``ImageGenerator.generate`` runs without gradients in eval mode, then restores it)."""
     from unigendet.inference import ImageGenerator
 
-    was_training = model.training
-    gen = ImageGenerator(model, tokenizer, packing, steps=steps)
-    with torch.no_grad():
-        images = gen.generate(prompts, seed=seed, progress=progress)
-    model.train(was_training)
-    return images
+    return ImageGenerator(model, tokenizer, packing, steps=steps).generate(prompts, seed=seed, progress=progress)
 
 
 def evaluate_generation(model, tokenizer, packing, *, n: int, seed: int, steps: int, out_dir: str,

@@ -636,7 +636,6 @@ class Trainer:
         if self.cfg.data.source == "embedded" and self.cfg.coevolution_heldout > 0:
             heldout = heldout_scene_prompts(self.cfg.coevolution_heldout, offset=self.cfg.gen_eval_samples)
         folder = os.path.join(self.out_dir, f"round{rnd}", "fakes")
-        os.makedirs(folder, exist_ok=True)
         model = self.model
         if is_sharded(model):  # sampling calls into the model outside forward(): use a whole copy
             model = self._plain_copy(full_model_state(model, all_ranks=True))
@@ -646,9 +645,8 @@ class Trainer:
         if heldout and self.dist.is_main:
             save_images(images[n:], os.path.join(self.out_dir, f"round{rnd}", "heldout_fakes"))
         records = []
-        for i, img in enumerate(images[:n]):
-            path = os.path.join(folder, f"{i:05d}.png")
-            _save_png(img, path)
+        # Every rank writes the same self-generated fakes (save_images renames each file into place).
+        for i, path in enumerate(save_images(images[:n], folder)):
             records.append(DetectionRecord(
                 id=f"selfgen-r{rnd}-{i}", image=path, label=0, cate="self-generated",
                 question=FAKECLUE_QUESTION,
@@ -831,10 +829,8 @@ class Trainer:
         from .logs import plot_samples
 
         prompts = [r.prompt for r in self.gen_records[:n]]
-        self.model.eval()
         images = generate(self.model, self.tokenizer, self.packing, prompts, seed=self.cfg.seed,
                           steps=self.cfg.sample_steps, progress=self.progress)
-        self.model.train()
         path = os.path.join(self.out_dir, "samples.png")
         plot_samples(images, prompts, path)
         return path
@@ -865,19 +861,6 @@ def _primed(it: Iterator) -> Iterator:
     """``it`` with its first item already fetched."""
     first = next(it)
     return itertools.chain([first], it)
-
-
-def _to_uint8(img: torch.Tensor) -> np.ndarray:
-    return ((img.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def _save_png(img: torch.Tensor, path: str) -> None:
-    from PIL import Image
-
-    # Every rank writes the same self-generated fakes: a rename keeps a reader from seeing a half-written file.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(_to_uint8(img)).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
