@@ -395,12 +395,12 @@ def test_smsa(benchmark, provider, mode):
 
 
 # --------------------------------------------------------------------------------------------------
-# CPU: tiny BAGEL pack, torch backend against the public-code approach (prints CPU ratios)
+# CPU: tiny BAGEL pack, auto (sdpa) and torch backends against the public-code approach (prints CPU ratios)
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("provider", ["unigendet-torch", "reference-code"])
+@pytest.mark.parametrize("provider", ["unigendet", "unigendet-torch", "reference-code"])
 def test_cpu_tiny_pack(benchmark, provider, mode):
     benchmark.group = f"cpu-tiny-pack-{mode}"
     device, dtype, h, hkv, d = torch.device("cpu"), torch.float32, 4, 1, 64
@@ -413,9 +413,11 @@ def test_cpu_tiny_pack(benchmark, provider, mode):
     q = torch.randn(total, h, d, dtype=dtype)
     k = torch.randn(total, hkv, d, dtype=dtype)
     v = torch.randn(total, hkv, d, dtype=dtype)
-    if provider == "unigendet-torch":
+    if provider.startswith("unigendet"):
+        backend = "torch" if provider == "unigendet-torch" else None  # None: what auto picks on the CPU
+
         def fn(q, k, v):
-            return packed_attention(q, k, v, layout, scale, backend="torch")
+            return packed_attention(q, k, v, layout, scale, backend=backend)
     else:
         masks = reference_code_masks(samples, device, dtype)
 

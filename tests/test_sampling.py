@@ -355,3 +355,46 @@ def test_decode_tokens_repetition_penalty_uses_history_and_seeded_sampling():
         for _ in range(2)
     ]
     torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_decode_tokens_checks_for_the_end_every_few_steps():
+    vocab = 6
+
+    def step(tokens):
+        return torch.nn.functional.one_hot((tokens + 1) % vocab, vocab).float() * 5
+
+    every = decode_tokens(step, torch.tensor([2]), SamplingConfig.greedy(), max_new_tokens=10, eos_token_id=4)
+    third = decode_tokens(step, torch.tensor([2]), SamplingConfig.greedy(), max_new_tokens=10, eos_token_id=4,
+                          check_every=3)
+    assert every.tolist() == [[3, 4]]
+    assert third.tolist() == [[3, 4, 4]]  # ran on to the first check, padding with EOS after it
+    with pytest.raises(ValueError, match="check_every"):
+        decode_tokens(step, torch.tensor([2]), SamplingConfig.greedy(), max_new_tokens=2, check_every=0)
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_flow_segments_guide_each_part_as_its_own_sample(renorm):
+    # Two "images" sampled together with segments=2 equal each sampled alone: the global renorm is per image.
+    g = torch.Generator().manual_seed(3)
+    w = {b: torch.randn(4, 4, generator=g, dtype=torch.float64) for b in (BRANCH_COND, BRANCH_UNCOND, BRANCH_IMG)}
+
+    def v(x, t, branches):
+        return {b: x @ w[b] + t for b in branches}
+
+    noise = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    kw = dict(num_steps=6, text_scale=4.0, img_scale=1.5, renorm_type=renorm, renorm_min=0.1)
+    joint = flow_euler_sample(v, noise, segments=2, **kw)
+    alone = torch.cat([flow_euler_sample(v, noise[:5], **kw), flow_euler_sample(v, noise[5:], **kw)])
+    torch.testing.assert_close(joint, alone, rtol=0, atol=1e-12)
+    if renorm == "global":  # one shared scale differs from per-image scales
+        assert not torch.allclose(flow_euler_sample(v, noise, **kw), alone)
+    with pytest.raises(ValueError, match="segments"):
+        flow_euler_sample(v, noise, segments=3, **kw)
+
+
+def test_flow_rejects_a_branch_of_the_wrong_shape():
+    def v(x, t, branches):
+        return {b: torch.zeros(x.shape[0] + (b == BRANCH_UNCOND), x.shape[1]) for b in branches}
+
+    with pytest.raises(ValueError, match="'uncond' has shape"):
+        flow_euler_sample(v, torch.zeros(2, 2), num_steps=3, text_scale=2.0)

@@ -288,14 +288,16 @@ def decode_tokens(
     pad_token_id: int | None = None,
     history: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    check_every: int = 1,
 ) -> torch.Tensor:
-    """Autoregressive decoding loop around a model step.
+    """Autoregressive decoding loop around a model step: the one loop every text decoder of the package runs.
 
     ``step(tokens)`` feeds one token per sequence, ``(B,)`` int64, to the model (which keeps its own KV cache) and
     returns the next-token logits ``(B, V)``. Starting from ``start_tokens``, each iteration feeds the current
     tokens and picks the next with :func:`sample_next_token`. A sequence that emits ``eos_token_id`` is finished:
     its later positions hold ``pad_token_id`` (default: ``eos_token_id``), and the loop stops when every sequence
-    has finished or after ``max_new_tokens`` new tokens.
+    has finished (tested every ``check_every`` steps, one host sync each time) or after ``max_new_tokens`` new
+    tokens. The repetition-penalty history lives in one preallocated buffer, and only when the penalty is active.
 
     Args:
         step: the model step.
@@ -306,6 +308,7 @@ def decode_tokens(
         pad_token_id: filler after EOS.
         history: ``(B, L)`` ids (e.g. the prompt) that count for the repetition penalty; negative ids are ignored.
         generator: optional ``torch.Generator`` for reproducible sampling.
+        check_every: steps between "has every sequence finished?" tests.
 
     Returns:
         ``(B, T)`` int64 generated tokens (``T <= max_new_tokens``), the start tokens excluded; EOS is included.
@@ -314,23 +317,34 @@ def decode_tokens(
         raise ValueError(f"start_tokens must have shape (batch,), got {tuple(start_tokens.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     pad = eos_token_id if pad_token_id is None else pad_token_id
     tokens = start_tokens.to(torch.int64)
-    seen = [tokens[:, None]] if history is None else [history.to(tokens.device, torch.int64), tokens[:, None]]
+    n = tokens.shape[0]
+    # Repetition-penalty history: [history, start token, decoded tokens...]; -1 marks unused slots (ignored).
+    hist, width = None, 0
+    if config.repetition_penalty != 1.0:
+        width = (0 if history is None else history.shape[1]) + 1
+        hist = torch.full((n, width + max_new_tokens), -1, dtype=torch.int64, device=tokens.device)
+        if history is not None:
+            hist[:, : width - 1] = history.to(tokens.device, torch.int64)
+        hist[:, width - 1] = tokens
     finished = torch.zeros_like(tokens, dtype=torch.bool)
     out = []
-    for _ in range(max_new_tokens):
+    for s in range(max_new_tokens):
         logits = step(tokens)
-        if logits.dim() != 2 or logits.shape[0] != tokens.shape[0]:
-            raise ValueError(f"step must return (batch={tokens.shape[0]}, vocab) logits, got {tuple(logits.shape)}")
-        nxt = sample_next_token(logits, config, torch.cat(seen, dim=1), generator)
+        if logits.dim() != 2 or logits.shape[0] != n:
+            raise ValueError(f"step must return (batch={n}, vocab) logits, got {tuple(logits.shape)}")
+        nxt = sample_next_token(logits, config, None if hist is None else hist[:, : width + s], generator)
         if pad is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out.append(nxt)
-        seen.append(nxt[:, None])
+        if hist is not None:
+            hist[:, width + s] = nxt
         if eos_token_id is not None:
             finished |= nxt == eos_token_id
-            if bool(finished.all()):
+            if (s + 1) % check_every == 0 and bool(finished.all()):
                 break
         tokens = nxt
     return torch.stack(out, dim=1)
@@ -456,6 +470,7 @@ def flow_euler_sample(
     cfg_interval: Sequence[float] = (0.0, 1.0),
     renorm_type: RenormType = "global",
     renorm_min: float = 0.0,
+    segments: int = 1,
     progress: bool = False,
     return_trajectory: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -465,7 +480,11 @@ def flow_euler_sample(
     ``x <- x - v(x, t_i) (t_i - t_{i+1})``. Guidance (see :func:`combine_guidance`) is active only when
     ``cfg_interval[0] < t_i <= cfg_interval[1]`` and ``text_scale > 1``; image guidance additionally needs
     ``img_scale > 1``. These are BAGEL's rules (``text_scale=4, cfg_interval=(0, 1), renorm_min=0`` for the
-    LAION/GenEval scripts; ``text_scale=4, img_scale=1.5, cfg_interval=(0.4, 1)`` in its demo).
+    LAION/GenEval scripts; ``text_scale=4, img_scale=1.5, cfg_interval=(0.4, 1)`` in its demo). The window is
+    tested on a host copy of the grid (no device sync per step). With ``segments > 1``, ``x`` holds that many
+    equal parts along its first dimension (e.g. the latent tokens of several images, image-major) and guidance is
+    combined per part, so the ``"global"`` renormalisation is per image, as when the reference samples one image
+    per call.
 
     Args:
         velocity: see :data:`VelocityFn`.
@@ -475,7 +494,8 @@ def flow_euler_sample(
         text_scale, img_scale: guidance scales (``<= 1`` disables).
         cfg_interval: ``(lo, hi)`` time window where guidance is applied.
         renorm_type, renorm_min: velocity renormalisation after guidance.
-        progress: show a tqdm bar.
+        segments: equal parts of ``x`` along dim 0 that are guided and renormalised separately.
+        progress: show a progress bar.
         return_trajectory: also return the list of states ``[x_1, ..., x_0]``.
 
     Returns:
@@ -487,7 +507,14 @@ def flow_euler_sample(
         raise ValueError(f"cfg_interval must be (lo, hi) with lo <= hi, got {tuple(cfg_interval)}")
     if renorm_type not in ("global", "channel", "text_channel", "none"):
         raise ValueError(f"renorm_type must be 'global', 'channel', 'text_channel' or 'none', got {renorm_type!r}")
-    timesteps = flow_timesteps(num_steps, shift, device=noise.device)
+    if segments < 1 or noise.dim() < 1 or noise.shape[0] % segments:
+        raise ValueError(f"segments must be >= 1 and divide noise.shape[0] = "
+                         f"{noise.shape[0] if noise.dim() else None}, got {segments}")
+    t_host = flow_timesteps(num_steps, shift)
+    lo, hi = float(cfg_interval[0]), float(cfg_interval[1])
+    # Window flags from the host grid, compared in its dtype (the bounds rounded as the reference rounds them).
+    windows = [bool((t > lo) & (t <= hi)) for t in t_host[:-1]]
+    timesteps = t_host.to(noise.device)
     dts = timesteps[:-1] - timesteps[1:]
     x = noise
     trajectory = [x] if return_trajectory else None
@@ -495,13 +522,11 @@ def flow_euler_sample(
     if progress:
         from unigendet._progress import progress_iter
 
-        steps = progress_iter(steps, desc="flow sampling", total=num_steps - 1)
-    lo, hi = float(cfg_interval[0]), float(cfg_interval[1])
+        steps = progress_iter(steps, desc="flow sampling", total=num_steps - 1, leave=False)
+    per = x.shape[0] // segments
     for i in steps:
         t = timesteps[i]
-        # Compare as tensors so the bounds are rounded to the schedule dtype, exactly as the reference does.
-        in_window = bool((t > lo) & (t <= hi))
-        use_text = in_window and text_scale > 1.0
+        use_text = windows[i] and text_scale > 1.0
         use_img = use_text and img_scale > 1.0
         branches: tuple[str, ...] = (BRANCH_COND,)
         if use_text:
@@ -512,19 +537,26 @@ def flow_euler_sample(
         missing = [b for b in branches if b not in out]
         if missing:
             raise ValueError(f"velocity callable did not return branches {missing} (requested {branches})")
+        for name in branches:
+            if out[name].shape != x.shape:
+                raise ValueError(f"velocity for branch {name!r} has shape {tuple(out[name].shape)}, "
+                                 f"expected {tuple(x.shape)}")
         v_cond = out[BRANCH_COND]
-        if v_cond.shape != x.shape:
-            raise ValueError(f"velocity for branch 'cond' has shape {tuple(v_cond.shape)}, expected {tuple(x.shape)}")
         if use_text:
-            v = combine_guidance(
-                v_cond,
-                out[BRANCH_UNCOND],
-                out.get(BRANCH_IMG) if use_img else None,
-                text_scale=text_scale,
-                img_scale=img_scale if use_img else 1.0,
-                renorm_type=renorm_type,
-                renorm_min=renorm_min,
-            )
+            v_unc, v_img = out[BRANCH_UNCOND], out.get(BRANCH_IMG) if use_img else None
+            parts = [
+                combine_guidance(
+                    v_cond[j * per : (j + 1) * per],
+                    v_unc[j * per : (j + 1) * per],
+                    None if v_img is None else v_img[j * per : (j + 1) * per],
+                    text_scale=text_scale,
+                    img_scale=img_scale if use_img else 1.0,
+                    renorm_type=renorm_type,
+                    renorm_min=renorm_min,
+                )
+                for j in range(segments)
+            ]
+            v = parts[0] if segments == 1 else torch.cat(parts)
         else:
             v = v_cond
         # dts[i] is a 0-d float32 tensor, so type promotion keeps x's dtype (as the reference update does).

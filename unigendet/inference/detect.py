@@ -25,7 +25,7 @@ from PIL import Image
 
 from unigendet.eval.metrics import FAKE_PHRASE, REAL_PHRASE, parse_verdict
 from unigendet.prompts import FAKECLUE_QUESTION, detection_prompt
-from unigendet.sampling import SamplingConfig, sample_next_token
+from unigendet.sampling import SamplingConfig, decode_tokens
 
 from .kv_cache import StaticKVCache
 
@@ -284,44 +284,33 @@ def decode_answers(
     cache.set_prefix_lengths(prefix)
     del emb
 
-    # Repetition-penalty history: prompt ids, the start token and every decoded token (-1 = ignored padding).
-    use_hist = sampling.repetition_penalty != 1.0
     hist = None
-    if use_hist:
-        hist_rows = [list(history[i]) if history is not None else [] for i in range(n)]
-        width = max(len(r) for r in hist_rows) + 1
-        hist = torch.full((n, width + max_new_tokens), -1, dtype=torch.int64)
-        for i, r in enumerate(hist_rows):
-            hist[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
-            hist[i, len(r)] = start_token_id
-        hist = hist.to(dev)
+    if history is not None and sampling.repetition_penalty != 1.0:  # prompt ids, -1 = ignored padding
+        width = max(len(history[i]) for i in range(n))
+        hist = torch.full((n, width), -1, dtype=torch.int64)
+        for i in range(n):
+            hist[i, : len(history[i])] = torch.tensor(list(history[i]), dtype=torch.int64)
 
-    tokens = torch.full((n,), start_token_id, dtype=torch.int64, device=dev)
     positions = torch.tensor(next_pos, dtype=torch.int64, device=dev)
-    out = torch.full((n, max_new_tokens), eos_token_id, dtype=torch.int64, device=dev)
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
-    step_logits = []
-    det_logits = None
-    steps = 0
-    for s in range(max_new_tokens):
-        h = _decode_step(model, cache, tokens, positions + s)
-        if s == 0:
-            det_logits = model.fake_cls_head(h).float()
+    step_logits: list[torch.Tensor] = []
+    state = {"step": 0, "det_logits": None}
+
+    def step(tokens):
+        h = _decode_step(model, cache, tokens, positions + state["step"])
+        if state["step"] == 0:  # the det head reads the state of step 0 (the reference's logits output)
+            state["det_logits"] = model.fake_cls_head(h).float()
+        state["step"] += 1
         logits = model.language_model.lm_head(h).float()
         if return_logits:
             step_logits.append(logits)
-        nxt = sample_next_token(logits, sampling, hist[:, : width + s] if use_hist else None, generator)
-        nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-        out[:, s] = nxt
-        if use_hist:
-            hist[:, width + s] = nxt
-        done |= nxt == eos_token_id
-        tokens = nxt
-        steps = s + 1
-        if steps % check_every == 0 and bool(done.all()):
-            break
+        return logits
 
-    out_host = out[:, :steps].cpu().tolist()
+    start = torch.full((n,), start_token_id, dtype=torch.int64, device=dev)
+    out = decode_tokens(step, start, sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                        history=hist, generator=generator, check_every=check_every)
+    det_logits = state["det_logits"]
+
+    out_host = out.cpu().tolist()
     toks, finished = [], []
     for row in out_host:
         if eos_token_id in row:

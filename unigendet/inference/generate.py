@@ -8,9 +8,9 @@ Every prompt becomes two samples of one pack, packed exactly as a generation tra
 The conditional samples of all prompts come first, then the unconditional ones, so the latent tokens of the pack are
 ``[x, x]``. The pack (and its attention layout) is built once and reused at every step; each step is ONE forward.
 Outside the CFG interval only the conditional samples are needed, and a second, conditional-only pack (also built
-once) is used there. Guidance is combined per image with :func:`unigendet.sampling.combine_guidance`, so the
-"global" velocity renormalisation is per image, as in the reference (which samples one image per call); the time
-grid and update are those of :func:`unigendet.sampling.flow_euler_sample`.
+once) is used there. The loop is :func:`unigendet.sampling.flow_euler_sample` (the package's one flow sampler),
+with one guidance segment per image, so the "global" velocity renormalisation is per image, as in the reference
+(which samples one image per call).
 
 For text-to-image the image-guidance context equals the conditional one (there is no context image), so with
 ``cfg_img_scale > 1`` the image branch reuses the conditional velocity without an extra pass.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unigendet.sampling import RenormType, combine_guidance, flow_timesteps
+from unigendet.sampling import BRANCH_COND, BRANCH_IMG, BRANCH_UNCOND, RenormType, flow_euler_sample
 
 __all__ = ["ImageGenerator", "tensor_to_pil"]
 
@@ -150,40 +150,22 @@ class ImageGenerator:
                 f"noise must have shape ({n_img * per}, {model.config.patch_latent_dim}), got {tuple(noise.shape)}"
             )
         full, cond = (b.to(dev) for b in self.build_packs(prompts, grid))
-        t_host = flow_timesteps(self.steps, self.shift)
-        lo, hi = self.cfg_interval
-        # Window flags from the host copy of the grid (compared in its dtype, as the reference does): no sync.
-        use_text = [bool((t > lo) & (t <= hi)) and self.cfg_text_scale > 1.0 for t in t_host[:-1]]
-        timesteps = t_host.to(dev)
-        dts = timesteps[:-1] - timesteps[1:]
-        x = noise.to(dev, torch.float32)
-        steps = range(self.steps - 1)
-        if progress:
-            from unigendet._progress import progress_iter
 
-            steps = progress_iter(steps, desc="flow sampling", leave=False)
-        for i in steps:
-            t = timesteps[i]
-            if use_text[i]:
+        def velocity(x, t, branches):
+            if BRANCH_UNCOND in branches:  # both branches in ONE forward: latent tokens [x, x]
                 v_all = model.velocity(full, torch.cat([x, x]), t)
-                v_cond, v_unc = v_all[: x.shape[0]], v_all[x.shape[0] :]
-                use_img = self.cfg_img_scale > 1.0
-                v = torch.cat([
-                    combine_guidance(
-                        v_cond[j * per : (j + 1) * per],
-                        v_unc[j * per : (j + 1) * per],
-                        v_cond[j * per : (j + 1) * per] if use_img else None,
-                        text_scale=self.cfg_text_scale,
-                        img_scale=self.cfg_img_scale if use_img else 1.0,
-                        renorm_type=self.renorm_type,
-                        renorm_min=self.renorm_min,
-                    )
-                    for j in range(n_img)
-                ])
+                out = {BRANCH_COND: v_all[: x.shape[0]], BRANCH_UNCOND: v_all[x.shape[0] :]}
             else:
-                v = model.velocity(cond, x, t)
-            x = x - v.to(x.dtype) * dts[i]
-        return x
+                out = {BRANCH_COND: model.velocity(cond, x, t)}
+            if BRANCH_IMG in branches:  # no context image: the image-CFG context is the conditional one
+                out[BRANCH_IMG] = out[BRANCH_COND]
+            return out
+
+        return flow_euler_sample(
+            velocity, noise.to(dev, torch.float32), num_steps=self.steps, shift=self.shift,
+            text_scale=self.cfg_text_scale, img_scale=self.cfg_img_scale, cfg_interval=self.cfg_interval,
+            renorm_type=self.renorm_type, renorm_min=self.renorm_min, segments=n_img, progress=progress,
+        )
 
     def make_noise(self, n_prompts: int, grid: tuple[int, int], seed: int, start_index: int = 0) -> torch.Tensor:
         """Initial noise ``(n_prompts * rows * cols, C)`` float32 (CPU), one seeded stream per prompt index."""
