@@ -65,6 +65,8 @@ class PackedBatch:
     mse_indexes: torch.Tensor  # int64 (n_mse,)
     sample_kind: list[str]  # "det" | "gen" (| "diga" in a teacher batch)
     diga: DigaTeacherBatch | None = None
+    # per sample, per split: the token kind, "text" | "answer" | "vit" | "gen" (unigendet.pack.SPLIT_KINDS)
+    split_kinds: list[list[str]] = field(default_factory=list)
     sample_ids: list[str] = field(default_factory=list)  # record id per sample (for logging / sharding checks)
     pack_id: tuple[int, int] | None = None  # (shard, index of the pack in that shard's stream)
     skipped: dict = field(default_factory=dict)  # reason -> count of records skipped while building this pack

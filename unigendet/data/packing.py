@@ -217,6 +217,7 @@ class _Acc:
     position_ids: list = field(default_factory=list)
     is_gen: list = field(default_factory=list)
     splits: list = field(default_factory=list)
+    split_kinds: list = field(default_factory=list)
     sample_lens: list = field(default_factory=list)
     text_ids: list = field(default_factory=list)
     text_idx: list = field(default_factory=list)
@@ -254,7 +255,7 @@ def _add_sample(acc: _Acc, plan: SamplePlan, images: dict, tokenizer, cfg: Packi
     """Append one sample's splits; returns the indexes (into acc.vae_images) of its VAE images."""
     start = acc.pos
     rope = 0
-    splits = []
+    splits, kinds = [], []  # per split: (length, attention mode) and its token kind (unigendet.pack)
     vae_ids = []
     for it in plan.items:
         s0 = acc.pos
@@ -269,6 +270,7 @@ def _add_sample(acc: _Acc, plan: SamplePlan, images: dict, tokenizer, cfg: Packi
                 acc.text_token(t, rope + k)
             rope += len(it.ids) + 2
             splits.append((acc.pos - s0, "causal"))
+            kinds.append("answer" if it.loss and plan.kind == "det" else "text")
         elif it.kind == "vit":
             img = images["vit"]
             if (img.shape[1] // cfg.vit_patch, img.shape[2] // cfg.vit_patch) != it.grid:
@@ -286,6 +288,7 @@ def _add_sample(acc: _Acc, plan: SamplePlan, images: dict, tokenizer, cfg: Packi
             acc.text_token(tokenizer.vision_end_id, rope)
             rope += 1
             splits.append((n + 2, "full"))
+            kinds.append("vit")
         else:  # vae
             img = images["vae"]
             stride = cfg.vae.stride
@@ -313,7 +316,9 @@ def _add_sample(acc: _Acc, plan: SamplePlan, images: dict, tokenizer, cfg: Packi
             if not it.noisy:
                 rope += 1
             splits.append((n + 2, "noise" if it.noisy else "full"))
+            kinds.append("gen")
     acc.splits.append(splits)
+    acc.split_kinds.append(kinds)
     acc.sample_lens.append(acc.pos - start)
     return vae_ids
 
@@ -366,6 +371,7 @@ def build_packed_batch(
         order=torch.from_numpy(order),
         sample_lens=acc.sample_lens,
         splits=acc.splits,
+        split_kinds=acc.split_kinds,
         position_ids=_i64(np.asarray(acc.position_ids, dtype=np.int64)[order] if total else []),
         layout=layout,
         text_ids=_i64(acc.text_ids),

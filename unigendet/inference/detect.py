@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from unigendet.eval.metrics import FAKE_PHRASE, REAL_PHRASE, parse_verdict
+from unigendet.pack import answer_visible_splits
 from unigendet.prompts import FAKECLUE_QUESTION, detection_prompt
 from unigendet.sampling import SamplingConfig, decode_tokens
 
@@ -153,11 +154,10 @@ def detection_plan(
 def _prefix_tokens(batch, smsa_mode: str) -> tuple[list[np.ndarray], list[int]]:
     """Per sample: batch positions of the tokens its answer sees, and the answer's first RoPE position.
 
-    The answer sees every earlier split of its sample (BAGEL's prefix rule), except foreign ``noise`` splits and,
-    under the ``off`` SMSA ablation, the splits holding generation-expert (VAE latent) tokens.
+    Which splits the answer sees is :func:`unigendet.pack.answer_visible_splits` (BAGEL's prefix rule under the
+    SMSA mode): the decoder's cache holds exactly those tokens.
     """
     s = int(batch.seq_len)
-    nu = int(batch.num_und)
     order = batch.order.cpu().numpy().astype(np.int64)
     new_of_old = np.empty(s, dtype=np.int64)
     new_of_old[order] = np.arange(s)
@@ -165,19 +165,14 @@ def _prefix_tokens(batch, smsa_mode: str) -> tuple[list[np.ndarray], list[int]]:
     kept, next_pos = [], []
     off = 0
     for si, sample in enumerate(batch.splits):
-        parts = []
-        p = off
+        starts = np.cumsum([0] + [length for length, _ in sample]) + off
         det = si < len(batch.sample_kind) and batch.sample_kind[si] == "det"
-        for length, mode in sample:
-            new = new_of_old[p : p + length]
-            gen_split = length > 0 and bool((new >= nu).any())
-            if not (mode == "noise" or (smsa_mode == "off" and det and gen_split)):
-                parts.append(new)
-            p += length
+        seen = answer_visible_splits([m for _, m in sample], batch.split_kinds[si], detection=det, smsa=smsa_mode)
+        parts = [new_of_old[starts[i] : starts[i + 1]] for i in seen]
         kept.append(np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64))
-        whole = new_of_old[off:p]
+        whole = new_of_old[off : starts[-1]]
         next_pos.append(int(pos_ids[whole].max()) + 1 if whole.size else 0)
-        off = p
+        off = int(starts[-1])
     return kept, next_pos
 
 

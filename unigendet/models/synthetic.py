@@ -62,6 +62,7 @@ class _Pack:
         self.ce: list[tuple[int, int]] = []  # (old position, label)
         self.det: list[tuple[int, int]] = []
         self.splits: list[list[tuple[int, str]]] = []
+        self.split_kinds: list[list[str]] = []  # per split: unigendet.pack.SPLIT_KINDS
         self.sample_kind: list[str] = []
         self.vit_imgs: list[tuple[torch.Tensor, tuple[int, int], list[int]]] = []  # patches, grid, old positions
         self.vae_imgs: list[tuple[torch.Tensor, tuple[int, int], float, list[int]]] = []
@@ -90,6 +91,7 @@ class _Pack:
             if loss and i < len(seq) - 1:
                 self.ce.append((p, seq[i + 1]))
         self.splits[-1].append((len(seq), "causal"))
+        self.split_kinds[-1].append("answer" if loss and self.sample_kind[-1] == "det" else "text")
         return start, len(seq), rope + len(seq)
 
     def vit(self, grid: tuple[int, int], rope: int) -> int:
@@ -101,6 +103,7 @@ class _Pack:
         patches = torch.rand(h * w, pdim, generator=self.g) * 2 - 1
         self.vit_imgs.append((patches, grid, olds))
         self.splits[-1].append((h * w + 2, "full"))
+        self.split_kinds[-1].append("vit")
         return rope + 1
 
     def vae(self, grid: tuple[int, int], rope: int, noisy: bool, image: torch.Tensor | None = None) -> int:
@@ -114,6 +117,7 @@ class _Pack:
         logit = float(torch.randn((), generator=self.g)) if noisy else -math.inf
         self.vae_imgs.append((image, grid, logit, olds))
         self.splits[-1].append((h * w + 2, "noise" if noisy else "full"))
+        self.split_kinds[-1].append("gen")
         # BAGEL: a noisy image does not advance the RoPE id, a clean one does.
         return rope if noisy else rope + 1
 
@@ -149,6 +153,7 @@ class _Pack:
             order=order,
             sample_lens=[sum(n for n, _ in sp) for sp in self.splits],
             splits=[list(sp) for sp in self.splits],
+            split_kinds=[list(k) for k in self.split_kinds],
             position_ids=pos_old[order],
             layout=AttentionLayout.from_splits(self.splits, order=order, device=layout_device),
             text_ids=torch.tensor(self.text_ids, dtype=torch.int64),
@@ -205,6 +210,7 @@ def make_batch(
         # matching offset) gets exactly the same ids and pixels as inside a larger pack.
         g.manual_seed(seed * 1_000_003 + sample_offset + k)
         pk.splits.append([])
+        pk.split_kinds.append([])
         rope = 0
         if isinstance(spec, DetSpec):
             pk.sample_kind.append("det")
@@ -230,6 +236,7 @@ def make_batch(
                 continue
             img = pk.vae_imgs[image_id][0]
             tp.splits.append([])
+            tp.split_kinds.append([])
             tp.sample_kind.append("diga")
             rope = tp.vae(spec.vae_grid, 0, noisy=False, image=img)
             _, _, rope = tp.text(spec.prompt_len, rope, loss=False)

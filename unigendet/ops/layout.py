@@ -42,10 +42,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-__all__ = ["MODES", "AttentionLayout", "KernelPlan", "check_cu_seqlens", "check_plan_tensors", "smsa_plan_tensors",
-           "varlen_plan_tensors"]
+__all__ = ["MODES", "AttentionLayout", "KernelPlan", "check_cu_seqlens", "check_plan_tensors", "prefix_visible",
+           "smsa_plan_tensors", "varlen_plan_tensors"]
 
 MODES = ("full", "causal", "noise")
+
+
+def prefix_visible(modes: Sequence[str]) -> list[list[int]]:
+    """BAGEL's packed-sequence rule for one sample of splits with attention ``modes``: split ``j`` sees every
+    earlier split except the ``noise`` ones (a noisy image is hidden from everything after it). What a split sees
+    of itself follows its own mode (full or causal) and is not listed."""
+    return [[i for i in range(j) if modes[i] != "noise"] for j in range(len(modes))]
 
 _PLAN_TENSORS = ("q_ranges", "kv_ptr", "kv_entries", "k_segments", "q_ptr", "q_entries")
 
@@ -525,17 +532,20 @@ class AttentionLayout:
         return cls._from_cpu_plan(_build_plan_cpu(ranges, total_q, total_k, num_sources), device)
 
     @classmethod
-    def from_splits(cls, samples, device=None, order=None) -> AttentionLayout:
+    def from_splits(cls, samples, device=None, order=None, visible=None) -> AttentionLayout:
         """BAGEL packed-sequence layout.
 
         Args:
             samples: one list per sample (packed consecutively) of ``(length, mode)`` splits, mode in
                 ``{"full", "causal", "noise"}``. A query of split j sees every key of the earlier splits of
-                its sample except keys of other "noise" splits; inside its own split all keys (full, noise)
-                or the keys up to itself (causal). Samples never see each other. Empty splits are allowed.
+                its sample except keys of other "noise" splits (:func:`prefix_visible`); inside its own split
+                all keys (full, noise) or the keys up to itself (causal). Samples never see each other. Empty
+                splits are allowed.
             order: optional permutation ``order[new_position] = old_position`` of the packed tokens; the
                 layout is then expressed in the new order. A causal split must stay contiguous and in
                 increasing order under it.
+            visible: optional per sample, per split, the other splits of the same sample that split sees,
+                instead of :func:`prefix_visible` (e.g. :func:`unigendet.pack.visible_splits`'s SMSA rules).
         """
         split_start, split_len, split_mode, split_sample = [], [], [], []
         pos = 0
@@ -587,6 +597,10 @@ class AttentionLayout:
                 raise ValueError(f"order: causal split {s} (sample {split_sample[s]}) must stay contiguous and in "
                                  "increasing token order")
 
+        if visible is None:
+            visible = [prefix_visible([m for _, m in sample]) for sample in samples]
+        elif len(visible) != len(samples) or any(len(v) != len(sm) for v, sm in zip(visible, samples)):
+            raise ValueError("visible must hold one list per split of every sample")
         ranges = []
         first_of_sample = 0
         for s in range(n_split):
@@ -594,8 +608,13 @@ class AttentionLayout:
                 first_of_sample = s
             if lens[s] == 0:
                 continue
-            keys = [(a, b, 0, False, 0) for i in range(first_of_sample, s) if split_mode[i] != "noise"
-                    for a, b in runs_of[i]]
+            seen = visible[split_sample[s]][s - first_of_sample]
+            n_in = len(samples[split_sample[s]])
+            if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n_in
+                   or i == s - first_of_sample for i in seen):
+                raise ValueError(f"visible[{split_sample[s]}][{s - first_of_sample}] must list other splits of "
+                                 f"its sample (0 <= index < {n_in}), got {list(seen)}")
+            keys = [(a, b, 0, False, 0) for i in seen for a, b in runs_of[first_of_sample + i]]
             if split_mode[s] == "causal":
                 (a, b), = runs_of[s]
                 keys.append((a, b, 0, True, 0))  # k <= q: bottom-right with equal lengths
