@@ -250,3 +250,30 @@ def test_auto_backend(env, monkeypatch):
     assert PackedLoader(_ds(env), backend="auto").backend == "dali"
     with pytest.raises(ValueError, match="backend"):
         PackedLoader(_ds(env), backend="cv2")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pack_sharding_splits_one_global_stream(env, num_workers):
+    # shard="packs": rank r of W takes packs r, r + W, ... of the stream a single process would see, in order,
+    # with any number of loader workers, and resumes mid-way exactly.
+    one = list(PackedLoader(_ds(env, epochs=2)))
+    ranks = [list(PackedLoader(_ds(env, epochs=2, rank=r, world_size=2, shard="packs"), num_workers=num_workers,
+                               timeout=120)) for r in range(2)]
+    assert [b.pack_id[1] for b in ranks[1]] == [b.pack_id[1] for b in one][1::2]
+    merged = [b for pair in zip(ranks[0], ranks[1]) for b in pair] + ranks[0][len(ranks[1]):]
+    assert _ids(merged) == _ids(one)
+    for x, y in zip(merged, one):
+        assert torch.equal(x.vit_patches, y.vit_patches) and torch.equal(x.position_ids, y.position_ids)
+    first = PackedLoader(_ds(env, epochs=2, rank=1, world_size=2, shard="packs"), num_workers=num_workers, timeout=120)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    assert state["next_pack"] == head[-1].pack_id[1] + 2 and state["shard"] == "packs"
+    del it
+    second = PackedLoader(_ds(env, epochs=2, rank=1, world_size=2, shard="packs"))
+    second.load_state_dict(state)
+    assert _ids(head) + _ids(second) == _ids(ranks[1])
+    with pytest.raises(ValueError, match="shard"):
+        PackedLoader(_ds(env, epochs=2, rank=1, world_size=2)).load_state_dict(state)
+    with pytest.raises(ValueError, match="shard"):
+        _ds(env, shard="samples")

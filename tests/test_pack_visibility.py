@@ -98,3 +98,38 @@ def test_the_data_packer_records_kinds_for_training_and_decoding_packs():
     train = build_packed_batch(*map(lambda x: [x], detection_plan(img, q, packing, answer_ids=[5, 6])), tok, packing)
     assert prefill.split_kinds == [DET_KINDS[:3]]
     assert train.split_kinds == [DET_KINDS]
+
+
+def test_a_pack_carries_one_layout_and_the_model_uses_it(monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import unigendet.models.smsa as smsa_mod
+    from unigendet.data import PackingConfig
+    from unigendet.data.packing import build_packed_batch
+    from unigendet.inference import detection_plan
+    from unigendet.models import UniGenDet
+    from unigendet.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("tiny")
+    packing = PackingConfig.tiny(smsa="paper")
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    plan, x = detection_plan(img, tok.encode("Real or fake?"), packing, answer_ids=[5, 6, 7])
+    batch = build_packed_batch([plan], [x], tok, packing)
+    assert batch.smsa == "paper"
+    rebuilt = smsa_mod.build_layout(batch, "paper")
+    assert torch.equal(batch.layout.dense_mask(), rebuilt.dense_mask())
+    assert not torch.equal(batch.layout.dense_mask(), smsa_mod.build_layout(batch, "reference").dense_mask())
+
+    built = []
+    real_build = smsa_mod.build_layout
+    monkeypatch.setattr(smsa_mod, "build_layout", lambda b, m, device=None: built.append(m) or real_build(b, m, device))
+    torch.manual_seed(0)
+    model = UniGenDet(get_config("tiny", smsa_mode="paper")).float()
+    with torch.no_grad():
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        assert built == []  # the pack's own layout: no host work in the step
+        model.config.smsa_mode = "off"
+        model(batch, generator=torch.Generator().manual_seed(0))
+        assert built == ["off"]  # another mode than the pack's: built for this call
+    assert torch.isfinite(out["det_logits"]).all()

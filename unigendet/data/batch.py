@@ -70,8 +70,8 @@ class PackedBatch:
     sample_ids: list[str] = field(default_factory=list)  # record id per sample (for logging / sharding checks)
     pack_id: tuple[int, int] | None = None  # (shard, index of the pack in that shard's stream)
     skipped: dict = field(default_factory=dict)  # reason -> count of records skipped while building this pack
-    # the layout a non-default SMSA mode uses (unigendet.models.smsa_layout), built where the pack is built
-    attn_layout: Any = None
+    # the SMSA mode `layout` was built under (unigendet.pack.visibility)
+    smsa: str = "reference"
 
     @property
     def num_gen(self) -> int:
@@ -82,7 +82,7 @@ class PackedBatch:
         changes = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor) or f.name in ("layout", "attn_layout", "diga"):
+            if isinstance(v, torch.Tensor) or f.name in ("layout", "diga"):
                 changes[f.name] = _move(v, device, non_blocking) if v is not None else None
             elif f.name == "vae_images":
                 changes[f.name] = [t.to(device, non_blocking=non_blocking) for t in v]
@@ -97,7 +97,7 @@ class PackedBatch:
                 changes[f.name] = v.pin_memory()
             elif f.name == "vae_images":
                 changes[f.name] = [t.pin_memory() for t in v]
-            elif f.name == "diga" and v is not None:
+            elif f.name in ("diga", "layout") and v is not None:
                 changes[f.name] = v.pin_memory()
         return dataclasses.replace(self, **changes)
 

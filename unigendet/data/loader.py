@@ -111,6 +111,10 @@ class PackedDataset(torch.utils.data.IterableDataset):
         cfg: a :class:`PackingConfig`.
         seed: fixes every permutation and random draw.
         rank, world_size: this process's data-parallel position.
+        shard: how the ranks share the data. ``"records"``: each rank packs its own share of the records (its
+            own stream of packs). ``"packs"``: every rank plans the same global stream of packs and takes packs
+            ``rank, rank + world_size, ...`` of it, so the sequence of packs, and a training run, does not depend
+            on how many processes share it (what :mod:`unigendet.train` uses).
         epochs: number of passes (None: endless; each source restarts on its own when it ends).
         strict: raise on bad data instead of skipping it.
     """
@@ -129,8 +133,11 @@ class PackedDataset(torch.utils.data.IterableDataset):
         strict: bool = False,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         build_layout: bool = True,
+        shard: str = "records",
     ):
         super().__init__()
+        if shard not in ("records", "packs"):
+            raise ValueError(f"shard must be 'records' or 'packs', got {shard!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
         if epochs is not None and epochs < 1:
@@ -148,7 +155,9 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.strict = strict
         self.max_image_pixels = max_image_pixels
         self.build_layout = build_layout
-        self.start_pack = 0  # first pack index (of this rank's stream) to produce
+        self.shard = shard
+        # first pack index of the planned stream to produce (with shard="packs": a multiple of world_size)
+        self.start_pack = 0
         self._sizes: dict[str, tuple[int, int]] = {}  # image path -> (width, height) from its header
 
     # -------------------------------------------------------------- planning (cheap, deterministic)
@@ -204,15 +213,27 @@ class PackedDataset(torch.utils.data.IterableDataset):
         batch.skipped = dict(stats.counts)
         return batch
 
-    def iter_packs(self, worker: int = 0, num_workers: int = 1, materialise=None) -> Iterator:
-        """This rank's packs ``k >= start_pack`` with ``(k - start_pack) % num_workers == worker``, in order.
+    @property
+    def pack_stride(self) -> int:
+        """Distance between two consecutive packs of this rank in the planned stream."""
+        return self.world_size if self.shard == "packs" else 1
 
-        Yields :class:`PackedBatch` (or :class:`EmptyPack` when every sample of a pack failed to decode, so that
-        the consumer still sees the position advance).
+    def iter_packs(self, worker: int = 0, num_workers: int = 1, materialise=None) -> Iterator:
+        """Loader worker ``worker`` of ``num_workers``'s share of this rank's packs ``k >= start_pack``, in order.
+
+        This rank's packs are its whole stream (``shard="records"``) or every ``world_size``-th pack of the global
+        one from ``rank`` on (``shard="packs"``); the workers take them round-robin. Yields :class:`PackedBatch`
+        (or :class:`EmptyPack` when every sample of a pack failed to decode, so that the consumer still sees the
+        position advance).
         """
         materialise = materialise or (lambda plans, stats: materialise_torch(plans, self.cfg, stats, self.strict))
+        if self.shard == "packs":
+            planned = (0, 1)
+            worker, num_workers = self.rank + self.world_size * worker, self.world_size * num_workers
+        else:
+            planned = (self.rank, self.world_size)
         stats = SkipStats()
-        for k, plans in enumerate(self.plan_packs(self.rank, self.world_size, stats)):
+        for k, plans in enumerate(self.plan_packs(*planned, stats)):
             mine = k >= self.start_pack and (k - self.start_pack) % num_workers == worker
             if mine:
                 plans, images = materialise(plans, stats)
@@ -282,24 +303,28 @@ class PackedLoader:
         self.device_id = device_id
         self.timeout = timeout
         self.stats = SkipStats()
-        self._next = 0
+        self.empty_packs = 0  # packs whose every sample failed to decode (skipped, their position counted)
+        self._next = dataset.rank if dataset.shard == "packs" else 0
 
     def state_dict(self) -> dict:
-        """The data position (the next pack of this rank's stream) plus what must match on resume."""
+        """The data position (the index of this rank's next pack in the planned stream) plus what must match on
+        resume."""
         return {"next_pack": self._next, "seed": self.dataset.seed, "rank": self.dataset.rank,
-                "world_size": self.dataset.world_size}
+                "world_size": self.dataset.world_size, "shard": self.dataset.shard}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (the worker count and backend may differ; seed, rank and world size may not)."""
+        """Continue from ``state`` (the worker count and backend may differ; seed, rank, world size and sharding
+        may not)."""
         ds = self.dataset
-        mine = {"seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size}
-        theirs = {k: state[k] for k in mine}
+        mine = {"seed": ds.seed, "rank": ds.rank, "world_size": ds.world_size, "shard": ds.shard}
+        theirs = {k: state.get(k, "records" if k == "shard" else None) for k in mine}
         if theirs != mine:
             raise ValueError(f"state was saved with {theirs}, this loader has {mine}")
         self._next = int(state["next_pack"])
 
     def _batches(self) -> Iterator[PackedBatch]:
-        self.dataset.start_pack = self._next
+        # shard="packs": this rank's next pack is rank + a multiple of world_size; the stream restarts there
+        self.dataset.start_pack = self._next - (self.dataset.rank if self.dataset.shard == "packs" else 0)
         if self.backend == "dali":
             from .dali import DaliMaterialiser
 
@@ -325,9 +350,10 @@ class PackedLoader:
         log.info("data backend: %s (%d worker(s), rank %d of %d)", self.backend, self.num_workers,
                  self.dataset.rank, self.dataset.world_size)
         for batch in self._batches():
-            self._next = batch.pack_id[1] + 1
+            self._next = batch.pack_id[1] + self.dataset.pack_stride
             for reason, n in batch.skipped.items():
                 self.stats.counts[reason] += n
             if isinstance(batch, EmptyPack):
+                self.empty_packs += 1
                 continue
             yield batch

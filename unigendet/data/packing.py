@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from unigendet.pack import SMSA_MODES, visible_splits
 from unigendet.prompts import DIGA_PROMPT_STYLES, diga_teacher_prompt
 
 from .batch import DigaTeacherBatch, PackedBatch
@@ -68,6 +69,8 @@ class PackingConfig:
     #: the DIGA teacher's forensic prompt (see :mod:`unigendet.prompts`)
     diga_prompt: str = "short"
     max_buffer: int = 50
+    #: the SMSA mode of the one attention layout every pack carries (:mod:`unigendet.pack.visibility`)
+    smsa: str = "reference"
 
     def __post_init__(self):
         if not (0 < self.max_num_tokens_per_sample <= self.max_num_tokens):
@@ -82,6 +85,8 @@ class PackingConfig:
             raise ValueError("vit_max_patches_per_side must be >= vit.max_size // vit.stride")
         if self.max_latent_size < self.vae.max_size // self.vae.stride:
             raise ValueError("max_latent_size must be >= vae.max_size // vae.stride")
+        if self.smsa not in SMSA_MODES:
+            raise ValueError(f"smsa must be one of {SMSA_MODES}, got {self.smsa!r}")
         if self.diga_prompt not in DIGA_PROMPT_STYLES:
             raise ValueError(f"diga_prompt must be one of {DIGA_PROMPT_STYLES}, got {self.diga_prompt!r}")
 
@@ -359,10 +364,12 @@ def build_packed_batch(
         return _i64(inv[np.asarray(idx, dtype=np.int64)] if len(idx) else [])
 
     layout = None
-    if build_layout:
+    if build_layout:  # the pack's one layout, under the configured SMSA mode
         from unigendet.ops.layout import AttentionLayout
 
-        layout = AttentionLayout.from_splits(acc.splits, order=order)
+        visible = [visible_splits([m for _, m in sp], kinds, detection=plan.kind == "det", smsa=cfg.smsa)
+                   for sp, kinds, plan in zip(acc.splits, acc.split_kinds, plans)]
+        layout = AttentionLayout.from_splits(acc.splits, order=order, visible=visible)
     vit_cu = np.concatenate([[0], np.cumsum(acc.vit_lens)]).astype(np.int32)
     patch_dim = 3 * cfg.vit_patch * cfg.vit_patch
     return batch_cls(
@@ -372,6 +379,7 @@ def build_packed_batch(
         sample_lens=acc.sample_lens,
         splits=acc.splits,
         split_kinds=acc.split_kinds,
+        smsa=cfg.smsa,
         position_ids=_i64(np.asarray(acc.position_ids, dtype=np.int64)[order] if total else []),
         layout=layout,
         text_ids=_i64(acc.text_ids),

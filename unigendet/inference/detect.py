@@ -15,6 +15,7 @@ positions continue from the prefill.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from unigendet.eval.metrics import FAKE_PHRASE, REAL_PHRASE, parse_verdict
-from unigendet.pack import answer_visible_splits
+from unigendet.pack import SMSA_MODES, answer_visible_splits
 from unigendet.prompts import FAKECLUE_QUESTION, detection_prompt
 from unigendet.sampling import SamplingConfig, decode_tokens
 
@@ -344,8 +345,6 @@ class Detector:
     def __init__(self, model, tokenizer, packing, *, smsa: str | None = None, sampling: SamplingConfig | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, question: str = DEFAULT_QUESTION,
                  prompt_style: str = "fakeclue", check_every: int = 8):
-        from unigendet.models.smsa import SMSA_MODES
-
         mode = smsa if smsa is not None else getattr(model.config, "smsa_mode", "reference")
         if mode not in SMSA_MODES:
             raise ValueError(f"smsa must be one of {SMSA_MODES}, got {mode!r}")
@@ -356,7 +355,8 @@ class Detector:
             raise ValueError("model has no ViT (visual_und=False): it cannot detect")
         self.model = model
         self.tokenizer = tokenizer
-        self.packing = packing
+        # The prefill packs carry their one layout under the detector's SMSA mode (built with the pack).
+        self.packing = packing if packing.smsa == mode else dataclasses.replace(packing, smsa=mode)
         self.smsa = mode
         self.sampling = sampling or SamplingConfig.greedy()
         self.max_new_tokens = int(max_new_tokens)

@@ -16,8 +16,9 @@ __all__ = ["smsa_layout", "SMSA_MODES"]
 def smsa_layout(batch, mode: str, device=None):
     """The attention layout of ``batch`` under SMSA ``mode`` (``paper``, ``reference`` or ``off``).
 
-    Host work (reads the splits, their kinds and ``order``; a device batch's order is copied back), meant to run
-    once per pack, e.g. in the loader. ``reference`` returns ``batch.layout`` itself.
+    A pack built under ``mode`` (``PackingConfig(smsa=mode)``, what the trainer's loader and the detector do)
+    carries this layout already and ``batch.layout`` itself is returned; otherwise it is built from the pack's
+    splits and split kinds (host work: a device batch's order is copied back).
 
     Returns:
         an :class:`unigendet.ops.AttentionLayout` in the batch's (expert-contiguous) token order, on ``device``
@@ -25,7 +26,7 @@ def smsa_layout(batch, mode: str, device=None):
     """
     if mode not in SMSA_MODES:
         raise ValueError(f"mode must be one of {SMSA_MODES}, got {mode!r}")
-    if mode == "reference":
+    if mode == getattr(batch, "smsa", "reference"):
         return batch.layout if device is None else batch.layout.to(device)
     dev = batch.layout.device if device is None else device
     return build_layout(batch, mode, device=dev)

@@ -334,8 +334,8 @@ class UniGenDet(nn.Module):
         Args:
             batch: PackedBatch. With ``batch.diga`` set, also computes the DIGA student/teacher pair.
             generator: RNG for VAE sampling and flow noise.
-            layout: attention layout overriding ``batch.layout``; default: ``batch.layout`` when
-                ``config.smsa_mode == "reference"``, else ``smsa_layout(batch, config.smsa_mode)``.
+            layout: attention layout overriding ``batch.layout``; default: ``batch.layout`` when the pack was
+                built under ``config.smsa_mode`` (``batch.smsa``), else ``smsa_layout(batch, config.smsa_mode)``.
             diga_teacher: frozen teacher (:meth:`make_diga_teacher`); default: this model under ``no_grad``
                 (what the reference code does).
             latents: precomputed clean latent tokens for ``batch.vae_images``.
@@ -347,8 +347,9 @@ class UniGenDet(nn.Module):
             (m, hidden), ``diga_student_grids``, ``diga_teacher_grids``.
         """
         cfg = self.config
-        if layout is None and cfg.smsa_mode != "reference":
-            # Host work on the batch's index tensors; a loader can precompute it with smsa_layout() instead.
+        if layout is None and cfg.smsa_mode != batch.smsa:
+            # Host work on the pack's splits; a pack built with PackingConfig(smsa=config.smsa_mode) (the trainer's
+            # loader) carries this layout already.
             layout = smsa_layout(batch, cfg.smsa_mode)
         tb = getattr(batch, "diga", None)
         capture = cfg.diga_layer if tb is not None else None

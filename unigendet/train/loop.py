@@ -13,7 +13,8 @@ One :class:`Trainer` runs ``rounds`` x (GDUF, DIGA) (or one stage, ``--stage``):
   current generator made from the training captions (labelled fake), then DIGA realigns the generator to the
   new detector.
 
-Data parallelism: rank ``r`` of ``W`` takes global packs ``k = r, r + W, ...``; with ``grad_accum = A`` a step
+Data parallelism: rank ``r`` of ``W`` takes global packs ``k = r, r + W, ...`` (``PackedDataset(shard="packs")`` through
+the public ``PackedLoader``); with ``grad_accum = A`` a step
 consumes ``A`` packs per rank, so a single process with ``grad_accum = W`` sees exactly the packs (and, for
 mean-normalised losses, the gradients) of ``W`` processes with ``grad_accum = 1``. Under FSDP2 the model is
 sharded in place once; checkpoints, the DIGA teacher, co-evolution sampling and the end-of-run export gather its
@@ -91,38 +92,6 @@ class _Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")
         self.signum = signum
-
-
-def _with_smsa_layouts(packs, smsa: str):
-    """Attach each pack's SMSA attention layout (host work, done where the pack is built: a loader worker)."""
-    from unigendet.data.loader import EmptyPack
-    from unigendet.models import smsa_layout
-
-    for batch in packs:
-        if smsa != "reference" and not isinstance(batch, EmptyPack):
-            batch.attn_layout = smsa_layout(batch, smsa)
-        yield batch
-
-
-class _RankPacks(torch.utils.data.IterableDataset):
-    """This rank's packs of a :class:`PackedDataset` planned as one global stream (see the module docstring).
-
-    DataLoader workers split the rank's packs round-robin, so the loader yields them in global order. Each pack
-    carries its SMSA layout, built in the worker so the training step does no host work for it.
-    """
-
-    def __init__(self, dataset, rank: int, world: int, smsa: str):
-        super().__init__()
-        self.dataset, self.rank, self.world, self.smsa = dataset, rank, world, smsa
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return _with_smsa_layouts(self.dataset.iter_packs(self.rank + self.world * wid, self.world * nw), self.smsa)
-
-
-def _identity(x):
-    return x
 
 
 class Trainer:
@@ -214,7 +183,7 @@ class Trainer:
 
         d = self.cfg.data
         kw = dict(gen_weight=d.gen_ratio, det_weight=d.det_ratio, text_cond_dropout_prob=d.cfg_text_dropout,
-                  diga_prompt=self.cfg.diga_prompt)
+                  diga_prompt=self.cfg.diga_prompt, smsa=self.cfg.smsa)
         for key, value in (("expected_num_tokens", d.expected_tokens), ("max_num_tokens", d.max_tokens),
                            ("max_num_tokens_per_sample", d.max_tokens_per_sample)):
             if value is not None:
@@ -248,32 +217,24 @@ class Trainer:
         else:
             det = self.det_records + self.extra_fakes
         return PackedDataset(det, self.gen_records, self.tokenizer, packing, seed=self._stage_seed(rnd, stage),
-                             rank=0, world_size=1)
+                             rank=self.dist.rank, world_size=self.dist.world_size, shard="packs")
 
     def _iter_packs(self, dataset, start_pack: int) -> Iterator:
-        """This rank's packs from global index ``start_pack`` (a multiple of the world size) on."""
-        from unigendet.data.loader import EmptyPack
+        """This rank's packs from global index ``start_pack`` (a multiple of the world size) on, through the
+        public :class:`~unigendet.data.PackedLoader` (loader workers or DALI build each pack and its layout)."""
+        from unigendet.data import PackedLoader
 
         d = self.cfg.data
-        dataset.start_pack = start_pack
-        rank, world = self.dist.rank, self.dist.world_size
-        if d.backend == "dali":
-            from unigendet.data.dali import DaliMaterialiser
-
-            device_id = self.device.index if self.device.type == "cuda" else None
-            mat = DaliMaterialiser(dataset.cfg, num_threads=max(1, d.num_workers), device_id=device_id,
-                                   seed=dataset.seed)
-            it = _with_smsa_layouts(dataset.iter_packs(rank, world, mat), self.cfg.smsa)
-        else:
-            it = iter(torch.utils.data.DataLoader(
-                _RankPacks(dataset, rank, world, self.cfg.smsa), batch_size=None, num_workers=d.num_workers,
-                collate_fn=_identity, pin_memory=self.device.type == "cuda",
-                prefetch_factor=2 if d.num_workers > 0 else None))
-        for batch in it:
-            self._next_pack = batch.pack_id[1] + world
-            if isinstance(batch, EmptyPack):
-                self._empty_packs += 1
-                continue
+        loader = PackedLoader(
+            dataset, num_workers=d.num_workers, backend=d.backend, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if d.num_workers > 0 else None, num_threads=max(1, d.num_workers),
+            device_id=self.device.index if self.device.type == "cuda" else None)
+        state = loader.state_dict()
+        loader.load_state_dict(state | {"next_pack": start_pack + self.dist.rank})
+        empty0 = self._empty_packs
+        for batch in loader:
+            self._next_pack = loader.state_dict()["next_pack"]
+            self._empty_packs = empty0 + loader.empty_packs
             yield batch
 
     # ------------------------------------------------------------------ stage setup
@@ -370,8 +331,7 @@ class Trainer:
                         else model.no_sync())
                 with sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
                                           enabled=self.amp_dtype is not None):
-                    out = model(batch, generator=gen, diga_teacher=teacher,
-                                layout=getattr(batch, "attn_layout", None))
+                    out = model(batch, generator=gen, diga_teacher=teacher)  # the pack carries its layout
                     losses = self._losses(out, stage, scfg)
                 (losses["loss"] / accum).backward()
                 for k, v in losses.items():
