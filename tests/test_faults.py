@@ -93,7 +93,7 @@ def _no_plot(records, path):
 def _skip_loss_plots(request, monkeypatch):
     """The end-of-run loss plot is not under test here (it costs a second per run); ``real_plots`` keeps it."""
     if "real_plots" not in request.fixturenames:
-        monkeypatch.setattr("unigendet.train.loop.plot_losses", _no_plot)
+        monkeypatch.setattr("unigendet.train.finish.plot_losses", _no_plot)
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def ref(tmp_path_factory):
     """One uninterrupted run: checkpoints after steps 1, 2 and 3, the final export and the log."""
     out = str(tmp_path_factory.mktemp("faults") / "ref")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("unigendet.train.loop.plot_losses", _no_plot)
+        mp.setattr("unigendet.train.finish.plot_losses", _no_plot)
         _trainer(out).run()
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", *(f"step_{s:07d}" for s in (1, 2, 3))]
     return out
@@ -380,23 +380,26 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_previous_one_and_resume_is
 def test_nonfinite_weights_are_never_saved_and_the_good_checkpoint_is_kept(tmp_path, monkeypatch):
     """Weights turned NaN during step 2 (its loss was already computed): the step-2 checkpoint is refused with a
     named error listing the bad key, and with keep_last=1 the step-1 checkpoint is still there."""
-    out = str(tmp_path / "run")
-    orig = Trainer._losses
-    seen = [0]
+    import unigendet.train.loop as loop
 
-    def losses(self, o, stage, scfg):
-        res = orig(self, o, stage, scfg)
+    out = str(tmp_path / "run")
+    orig = loop.stage_losses
+    seen = [0]
+    trainer = _trainer(out, "--keep_last=1")
+
+    def losses(o, stage, scfg):
+        res = orig(o, stage, scfg)
         seen[0] += 1
         if seen[0] == 2:
             with torch.no_grad():
-                self.model.connector.fc1.bias.fill_(float("nan"))
+                trainer.model.connector.fc1.bias.fill_(float("nan"))
         return res
 
-    monkeypatch.setattr(Trainer, "_losses", losses)
+    monkeypatch.setattr(loop, "stage_losses", losses)
     with pytest.raises(TrainingAborted, match=r"checkpoint step_0000002: model weights: non-finite values \(NaN/inf\) "
                                               r"in 1 tensor\(s\): connector.fc1.bias; no checkpoint written, the last "
                                               r"good one is .*step_0000001"):
-        _trainer(out, "--keep_last=1").run()
+        trainer.run()
     cm = CheckpointManager(out, keep_last=1)
     assert cm.list() == ["step_0000001"] and cm.latest() == _ckpt(out, 1)
     cm.verify(_ckpt(out, 1))

@@ -303,18 +303,20 @@ def test_diga_trains_only_the_generator_and_the_alignment_term_reaches_it(tmp_pa
 
 
 def _nan_on(monkeypatch, calls):
-    """Make the loss NaN on the given 1-based calls of Trainer._losses."""
-    orig = Trainer._losses
+    """Make the loss NaN on the given 1-based calls of the stage loss (unigendet.train.step.stage_losses)."""
+    import unigendet.train.loop as loop
+
+    orig = loop.stage_losses
     seen = [0]
 
-    def losses(self, out, stage, scfg):
-        res = orig(self, out, stage, scfg)
+    def losses(out, stage, scfg):
+        res = orig(out, stage, scfg)
         seen[0] += 1
         if calls is None or seen[0] in calls:
             res["loss"] = res["loss"] * float("nan")
         return res
 
-    monkeypatch.setattr(Trainer, "_losses", losses)
+    monkeypatch.setattr(loop, "stage_losses", losses)
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -434,7 +436,7 @@ def test_coevolution_round_two_trains_the_detector_on_self_generated_fakes(tmp_p
 
 def test_lr_schedule_warmup_then_constant_or_cosine():
     from unigendet.train.config import OptimConfig
-    from unigendet.train.loop import lr_multiplier
+    from unigendet.train.optim import lr_multiplier
 
     const = lr_multiplier(OptimConfig(warmup_steps=4, schedule="constant"), 20)
     assert [const(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -1,13 +1,10 @@
-"""End-of-run evaluation of the generative half and of co-evolution (what ``summary.json`` reports beside detection).
+"""End-of-run evaluation of the generative half (what ``summary.json`` reports under ``generation``).
 
 * :func:`evaluate_generation`: images from held-out scene prompts of the embedded data set, their prompt-following
   score and FID against the held-out scenes (bundled Inception), and ``samples.png`` with each prompt under its
   image.
-* :func:`fake_rates`: the detection head's verdicts on a set of images (the share it calls fake, the mean
-  probability of fake).
-* :func:`coevolution_report`: after ``--rounds 2`` or more, the last round's detector and the first round's detector
-  compared on the same images: fresh samples of the final generator, held-out samples of the first round's
-  generator (never trained on), and the held-out real photographs.
+* :func:`generate`, :func:`save_images`, :func:`heldout_scene_prompts`: the pieces it shares with co-evolution
+  (:mod:`unigendet.train.coevolution`).
 """
 
 from __future__ import annotations
@@ -15,11 +12,9 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-
 log = logging.getLogger("unigendet.train")
 
-__all__ = ["coevolution_report", "evaluate_generation", "fake_rates", "heldout_scene_prompts", "save_images"]
+__all__ = ["evaluate_generation", "generate", "heldout_scene_prompts", "save_images"]
 
 
 def heldout_scene_prompts(n: int, offset: int = 0) -> list[str]:
@@ -91,39 +86,3 @@ def evaluate_generation(model, tokenizer, packing, *, n: int, seed: int, steps: 
         if plot_samples(images[:sample_images], prompts[:sample_images], path, title=title):
             result["samples"] = path
     return result, images
-
-
-def fake_rates(model, tokenizer, packing, paths: list[str], *, smsa: str, progress: bool) -> dict:
-    """The detection head's verdicts on ``paths``: ``{"fake_rate", "mean_prob_fake", "n"}``."""
-    from unigendet.inference import Detector
-
-    was_training = model.training
-    model.eval()
-    det = Detector(model, tokenizer, packing, smsa=smsa, max_new_tokens=1)  # the head decides from the prefix
-    with torch.no_grad():
-        results = det.detect(paths, batch_size=16, progress=progress)
-    model.train(was_training)
-    n = len(results)
-    return {"fake_rate": sum(r.label == 0 for r in results) / n,
-            "mean_prob_fake": sum(r.prob_fake for r in results) / n, "n": n}
-
-
-def coevolution_report(detectors: dict, tokenizer, packing, image_sets: dict[str, list[str]], *, smsa: str,
-                       progress: bool) -> dict:
-    """``{detector name: {image set name: fake_rates(...)}}`` for every pair, plus the accuracy on real photos.
-
-    ``image_sets`` maps a name to image paths; a name starting with ``real`` reports ``real_accuracy`` (the share
-    called real) instead of the fake rate being the goal, both are always present.
-    """
-    out: dict = {}
-    for name, model in detectors.items():
-        row = {}
-        for set_name, paths in image_sets.items():
-            if not paths:
-                continue
-            r = fake_rates(model, tokenizer, packing, paths, smsa=smsa, progress=progress)
-            if set_name.startswith("real"):
-                r["real_accuracy"] = 1.0 - r["fake_rate"]
-            row[set_name] = r
-        out[name] = row
-    return out

@@ -28,6 +28,11 @@ with a checkpoint. A non-finite loss skips the step (counted); more than ``max_n
 checkpoint that would hold non-finite weights (the previous ones are kept). Progress is a tqdm bar (plain lines
 when stderr is not a terminal); logs are JSONL; the run ends with loss-curve PNGs, a sample grid, held-out
 detection metrics and ``summary.json``.
+
+This module is the stage driver; the pieces it drives live beside it: ``setup`` (model, packing, records),
+``step`` (one optimizer step), ``optim`` (AdamW and its schedule), ``teacher`` (the DIGA teacher and whole copies),
+``checkpointing`` (what a checkpoint holds), ``coevolution`` (self-generated fakes, the detectors compared) and
+``finish`` (export and end-of-run evaluation).
 """
 
 from __future__ import annotations
@@ -37,53 +42,48 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from unigendet._progress import progress_bar
-from unigendet.prompts import FAKECLUE_QUESTION
 
+from .checkpointing import TrainingAborted, load_training_checkpoint, save_training_checkpoint
 from .checks import clear_run_outputs, out_dir_problem
-from .config import OptimConfig, TrainConfig, config_to_dict
+from .coevolution import self_generated_fakes
+from .config import TrainConfig, config_to_dict
 from .distributed import (
     DistInfo,
     barrier,
     full_model_state,
-    full_optimizer_state,
-    full_tensors,
     init_distributed,
     is_sharded,
     load_full_optimizer_state,
     shard_like,
     wrap_model,
 )
-from .flops import project_schedule, train_flops_per_token
-from .logs import JsonlLogger, plot_losses, read_jsonl
-from .resume import ResumeError, check_resume
+from .finish import evaluate_detection
+from .finish import finish as finish_run
+from .logs import JsonlLogger
+from .optim import build_optimizer, build_scheduler
+from .setup import build_model, compute_dtype_of, load_run_records, packing_config, seed_everything
 from .state import (
     CheckpointManager,
-    NonFiniteWeightsError,
     atomic_write_text,
     clean_stale_temporaries,
     load_optimizer_state,
-    load_sharded,
     save_snapshot,
 )
+from .step import apply_update, forward_backward, reduce_step, stage_losses
+from .teacher import build_teacher, plain_copy, snapshot_dir, weights_state
 
 log = logging.getLogger("unigendet.train")
 
 __all__ = ["Trainer", "TrainingAborted", "train"]
-
-class TrainingAborted(RuntimeError):
-    """Too many non-finite losses (or another unrecoverable training condition)."""
 
 
 class _Interrupted(BaseException):
@@ -117,11 +117,11 @@ class Trainer:
             for path in clean_stale_temporaries(self.out_dir):
                 log.info("removed %s (left by an interrupted save)", path)
                 self.logger.log("stale_temporary_removed", path=path)
-        self.amp_dtype = self._amp_dtype()
-        self._seed_all(cfg.seed)
-        self.tokenizer, self.model = self._build_model()
-        self.packing = self._packing_config()
-        self.det_records, self.gen_records, self.test_records = self._load_records()
+        self.amp_dtype = compute_dtype_of(cfg, self.device)
+        seed_everything(cfg.seed)
+        self.tokenizer, self.model = build_model(cfg, self.device, self.amp_dtype, is_main=self.dist.is_main)
+        self.packing = packing_config(cfg, self.model.config)
+        self.det_records, self.gen_records, self.test_records = load_run_records(cfg)
         self.extra_fakes: list = []  # self-generated fakes of earlier rounds
         self.stop_signal: int | None = None
         self._defer_signals = False  # inside a training step: a signal takes effect at the end of the step
@@ -130,78 +130,6 @@ class Trainer:
         self.global_step = 0
         self.completed: list[str] = []
         self.history: dict[str, dict] = {}
-
-    # ------------------------------------------------------------------ setup
-    def _amp_dtype(self) -> torch.dtype | None:
-        d = self.cfg.dtype
-        if d == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[d]
-
-    def _seed_all(self, seed: int) -> None:
-        import random
-
-        random.seed(seed)
-        np.random.seed(seed)  # noqa: NPY002  (third-party code may draw from the global RNG)
-        torch.manual_seed(seed)
-
-    def _build_model(self):
-        from unigendet.models import UniGenDet, get_config, load_pretrained
-        from unigendet.models.config import PRESETS as MODEL_PRESETS
-        from unigendet.tokenizer import load_tokenizer
-
-        cfg = self.cfg
-        overrides = {"smsa_mode": cfg.smsa, "timestep_shift": cfg.timestep_shift}
-        if cfg.diga.diga_layer is not None:
-            overrides["diga_layer"] = cfg.diga.diga_layer
-        if cfg.model in MODEL_PRESETS and cfg.model_path is None:
-            tokenizer = load_tokenizer("tiny")
-            mcfg = get_config(cfg.model, **overrides)
-            if tokenizer.vocab_size > mcfg.llm.vocab_size:
-                raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model's table {mcfg.llm.vocab_size}")
-            model = UniGenDet(mcfg).to(self.device)
-        else:
-            from unigendet.models.config import load_config as load_model_config
-
-            base = cfg.model_path or cfg.model
-            mcfg = load_model_config(base)
-            mcfg = dataclasses.replace(mcfg, **overrides)
-            # fp32 master weights (the optimizer updates these; compute runs in amp_dtype under autocast or
-            # FSDP2's mixed precision); the frozen VAE is stored in the compute dtype.
-            loaded = load_pretrained(base, config=mcfg, dtype=torch.float32, device=self.device,
-                                     vae_dtype=self.amp_dtype or torch.float32)
-            if self.dist.is_main:
-                log.info("loaded %s: %s", base, loaded.report)
-            model, tokenizer = loaded.model, loaded.tokenizer
-        if model.vae is not None:
-            model.vae.requires_grad_(False)
-        model.set_gradient_checkpointing(cfg.grad_checkpointing)
-        return tokenizer, model
-
-    def _packing_config(self):
-        from unigendet.inference.loading import packing_for
-
-        d = self.cfg.data
-        kw = dict(gen_weight=d.gen_ratio, det_weight=d.det_ratio, text_cond_dropout_prob=d.cfg_text_dropout,
-                  diga_prompt=self.cfg.diga_prompt, smsa=self.cfg.smsa)
-        for key, value in (("expected_num_tokens", d.expected_tokens), ("max_num_tokens", d.max_tokens),
-                           ("max_num_tokens_per_sample", d.max_tokens_per_sample)):
-            if value is not None:
-                kw[key] = value
-        # The geometry follows the model's position tables (a tiny checkpoint folder packs as the tiny preset).
-        return packing_for(self.model.config, **kw)
-
-    def _load_records(self):
-        from unigendet.data import load_records
-
-        d = self.cfg.data
-        if d.source == "embedded":
-            det, gen = load_records(balance=d.balance_classes)
-            test, _ = load_records(split="test")
-        else:
-            det, gen = load_records(d.fakeclue_root, d.laion_manifest, balance=d.balance_classes)
-            test, _ = load_records(d.fakeclue_root, None, split="test") if d.fakeclue_root else ([], [])
-        return det, gen, test
 
     # ------------------------------------------------------------------ data
     def _stage_seed(self, rnd: int, stage: str) -> int:
@@ -242,33 +170,6 @@ class Trainer:
         names = set(self.model.configure_stage(stage))
         return [p for n, p in self.model.named_parameters() if n in names]
 
-    def _optimizer(self, params) -> torch.optim.Optimizer:
-        """AdamW over ``params`` = ``[(parameter, is_generation)]``: weight decay only on matrices, and the
-        generation side's learning rate scaled by ``optim.gen_lr_scale`` (one group per combination)."""
-        o = self.cfg.optim
-        groups = []
-        for gen in (False, True):
-            for decay in (True, False):
-                ps = [p for p, g in params if g == gen and (p.dim() >= 2) == decay]
-                if ps:
-                    groups.append({"params": ps, "weight_decay": o.weight_decay if decay else 0.0,
-                                   "lr": o.lr * (o.gen_lr_scale if gen else 1.0)})
-        impl = o.impl
-        if impl in ("auto", "apex"):
-            try:
-                from apex.optimizers import FusedAdam  # NVIDIA apex, optional
-
-                if self.device.type == "cuda":
-                    return FusedAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
-            except ImportError:
-                if impl == "apex":
-                    raise ValueError("optim.impl='apex' but NVIDIA apex is not installed") from None
-        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kw)
-
-    def _scheduler(self, opt, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(self.cfg.optim, total_steps))
-
     # ------------------------------------------------------------------ one stage
     def _stage_key(self, rnd: int, stage: str) -> str:
         return f"r{rnd}-{stage}"
@@ -288,8 +189,8 @@ class Trainer:
                            param_dtype=self.amp_dtype or torch.float32, ignored=[self.model.vae])
         gen = {id(p) for n, p in self.model.named_parameters() if self.model.is_generation_parameter(n)}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = self._optimizer([(p, id(p) in gen) for p in params])
-        sched = self._scheduler(opt, scfg.steps)
+        opt = build_optimizer([(p, id(p) in gen) for p in params], cfg.optim, self.device)
+        sched = build_scheduler(opt, cfg.optim, scfg.steps)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
                if p.requires_grad} if cfg.ema > 0 else None
         step, start_pack = 0, 0
@@ -317,43 +218,17 @@ class Trainer:
         while step < scfg.steps:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            n_tokens = 0
-            for micro in range(accum):
-                batch = next(packs).to(self.device, non_blocking=True)
-                n_tokens += batch.seq_len
-                # The noise of global pack k depends on k only, so W processes x grad_accum A draw exactly what
-                # one process with grad_accum W * A draws, and a resumed run what an uninterrupted one draws.
-                # (On the model's device: torch.randn on a GPU refuses a CPU generator.)
-                gen = torch.Generator(device=self.device).manual_seed(
-                    zlib.crc32(f"{cfg.seed}/{key}/pack{batch.pack_id[1]}".encode()))
-                sync = (contextlib.nullcontext() if micro == accum - 1 or not hasattr(model, "no_sync")
-                        else model.no_sync())
-                with sync, torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                          enabled=self.amp_dtype is not None):
-                    out = model(batch, generator=gen, diga_teacher=teacher)  # the pack carries its layout
-                    losses = self._losses(out, stage, scfg)
-                (losses["loss"] / accum).backward()
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / accum  # one host sync per micro-batch
+            sums, n_tokens = forward_backward(
+                model, packs, accum=accum, device=self.device, amp_dtype=self.amp_dtype, seed=cfg.seed,
+                stage_key=key, teacher=teacher, loss_fn=lambda out: stage_losses(out, stage, scfg))
             stop_signal = self.stop_signal
             if self.dist.distributed:
-                sums, n_tokens, stop_signal = self._reduce_step(sums, n_tokens, stop_signal)
-            finite = math.isfinite(sums["loss"])
-            grad_norm = float("nan")
-            if finite and cfg.optim.clip_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm))
-                finite = math.isfinite(grad_norm)
-            if finite:
-                opt.step()
-                sched.step()
-                if ema is not None:
-                    named = dict(self.model.named_parameters())
-                    torch._foreach_lerp_(list(ema.values()), [named[n].detach().float() for n in ema],
-                                         1.0 - cfg.ema)
-            else:
+                sums, n_tokens, stop_signal = reduce_step(sums, n_tokens, stop_signal,
+                                                          world_size=self.dist.world_size, device=self.device)
+            finite, grad_norm = apply_update(sums["loss"], params, opt, sched, clip_grad_norm=cfg.optim.clip_grad_norm,
+                                             ema=ema, ema_decay=cfg.ema, model=self.model)
+            if not finite:
                 self.nonfinite += 1
-                opt.zero_grad(set_to_none=True)
                 self.logger.log("nonfinite", stage=stage, round=rnd, step=step, count=self.nonfinite)
                 if self.nonfinite > cfg.max_nonfinite:
                     raise TrainingAborted(
@@ -399,33 +274,9 @@ class Trainer:
         self.history[key] = summary
         return summary
 
-    def _reduce_step(self, sums: dict[str, float], n_tokens: int, stop_signal: int | None):
-        """Global mean losses, global token count and the largest pending signal, identical on every rank.
-
-        Every rank then takes the same decisions (skip a non-finite step, save and stop after a signal that
-        reached only some of the processes) and rank 0 logs the global losses.
-        """
-        import torch.distributed as dist
-
-        keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys] + [float(n_tokens)], dtype=torch.float64, device=self.device)
-        sig = torch.tensor([stop_signal or 0], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t)
-        dist.all_reduce(sig, op=dist.ReduceOp.MAX)
-        vals = t.tolist()
-        w = self.dist.world_size
-        return {k: v / w for k, v in zip(keys, vals)}, int(vals[-1]), (int(sig) or None)
-
-    def _losses(self, out: dict, stage: str, scfg) -> dict:
-        from unigendet.models import diga_losses, gduf_losses
-
-        if stage == "gduf":
-            return gduf_losses(out, ce_weight=scfg.w_text, mse_weight=scfg.w_flow, label_weight=scfg.w_det)
-        return diga_losses(out, diga_weight=scfg.w_diga, mse_weight=scfg.w_flow)
-
     # ------------------------------------------------------------------ DIGA teacher
     def _snapshot_dir(self, rnd: int) -> str:
-        return os.path.join(self.out_dir, f"round{rnd}", "gduf_model")
+        return snapshot_dir(self.out_dir, rnd)
 
     def _save_stage_snapshot(self, rnd: int) -> None:
         """The end-of-GDUF weights: the DIGA teacher is rebuilt from them after a resume."""
@@ -444,175 +295,21 @@ class Trainer:
                 if self.cfg.stage != "diga":
                     raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
                 folder = None  # DIGA alone: the starting model is the teacher.
-        if is_sharded(self.model):
-            # Every rank holds a whole teacher (it only runs forward), built from the snapshot or, without one, from
-            # the gathered current weights (collective: every rank takes the same branch).
-            state = load_sharded(folder) if folder is not None else full_model_state(self.model, all_ranks=True)
-            return self._plain_copy(state, teacher=True)
-        if folder is None:
-            return self._compute_dtype(self.model.make_diga_teacher())
-        # state_dict() tensors share storage with the parameters: copy them before loading over them.
-        current = {k: v.clone() for k, v in self._model_state().items()}
-        self.model.load_state_dict(load_sharded(folder), strict=False)
-        teacher = self.model.make_diga_teacher()
-        self.model.load_state_dict(current, strict=False)
-        return self._compute_dtype(teacher)
-
-    def _compute_dtype(self, frozen):
-        """A frozen, forward-only copy (the DIGA teacher) needs no fp32 masters: store it in the compute dtype."""
-        if self.amp_dtype is None:
-            return frozen
-        vae = getattr(frozen, "vae", None)
-        frozen.vae = None  # shared with the trained model: never cast it here
-        frozen = frozen.to(dtype=self.amp_dtype)
-        frozen.vae = vae
-        return frozen
+        return build_teacher(self.model, folder, device=self.device, amp_dtype=self.amp_dtype)
 
     def _plain_copy(self, state: dict[str, torch.Tensor], *, teacher: bool = False):
-        """An unsharded copy of the model (or of its DIGA teacher part) holding ``state``, sharing the VAE.
-
-        Built on the meta device and materialised once, so only the copy's own weights are allocated.
-        """
-        from unigendet.models import UniGenDet
-
-        src = self.model
-        with torch.device("meta"):
-            copy = UniGenDet(src.config, build_vae_module=False)
-        if teacher:
-            copy = copy.make_diga_teacher()
-        copy = copy.to_empty(device=self.device).to(dtype=(self.amp_dtype or src.dtype) if teacher else src.dtype)
-        copy.reset_fixed_buffers()
-        missing, unexpected = copy.load_state_dict({k: v for k, v in state.items() if not k.startswith("vae.")},
-                                                   strict=False)
-        missing = [k for k in missing if "pos_embed" not in k]
-        if missing:
-            raise RuntimeError(f"gathered state lacks {missing[:5]} (of {len(missing)})")
-        copy.requires_grad_(False)
-        copy.vae = src.vae  # frozen since _build_model
-        return copy.eval()
+        """An unsharded copy of the model holding ``state`` (:func:`unigendet.train.teacher.plain_copy`)."""
+        return plain_copy(self.model, state, device=self.device, amp_dtype=self.amp_dtype, teacher=teacher)
 
     # ------------------------------------------------------------------ checkpoints
     def _model_state(self) -> dict[str, torch.Tensor]:
-        """The weights to save, without the frozen VAE (collective when sharded; full tensors on rank 0)."""
-        return {k: v for k, v in full_model_state(self.model).items() if not k.startswith("vae.")}
-
-    def _gather_positions(self) -> tuple[list[int], list[int]]:
-        """Every rank's next pack and count of empty packs in this stage."""
-        pos = torch.tensor([self._next_pack, self._empty_packs], dtype=torch.int64)
-        if self.dist.distributed:
-            import torch.distributed as dist
-
-            out = [torch.zeros_like(pos) for _ in range(self.dist.world_size)]
-            dist.all_gather(out, pos)
-            return [int(t[0]) for t in out], [int(t[1]) for t in out]
-        return [int(pos[0])], [int(pos[1])]
+        return weights_state(self.model)
 
     def _save(self, rnd, stage, step, opt, sched, ema) -> None:
-        positions, empty = self._gather_positions()
-        # Gathers are collective when the model is sharded: every rank takes part, rank 0 writes.
-        model_state = self._model_state()
-        opt_state = full_optimizer_state(self.model, opt)
-        if ema is not None and is_sharded(self.model):
-            ema = full_tensors(ema)
-        if not self.dist.is_main:
-            return
-        state = {
-            "round": rnd, "stage": stage, "stage_step": step, "global_step": self.global_step,
-            "completed": list(self.completed), "history": self.history, "nonfinite": self.nonfinite,
-            "next_pack": positions, "empty_packs": empty, "scheduler": sched.state_dict(),
-            "world_size": self.dist.world_size,
-            "extra_fakes": [dataclasses.asdict(r) for r in self.extra_fakes],
-            "config": config_to_dict(self.cfg),
-        }
-        try:
-            path = self.ckpt.save(step=self.global_step, model_state=model_state, optimizer=opt_state,
-                                  trainer_state=state, ema_state=ema)
-        except NonFiniteWeightsError as e:
-            self.logger.log("checkpoint_refused", stage=stage, round=rnd, step=step, reason=str(e))
-            raise TrainingAborted(f"{e}; no checkpoint written, the last good one is "
-                                  f"{self.ckpt.latest() or 'none'}") from None
-        self.logger.log("checkpoint", path=path, stage=stage, round=rnd, step=step)
+        save_training_checkpoint(self, rnd, stage, step, opt, sched, ema)
 
     def _load_resume(self) -> dict | None:
-        """Load the newest intact checkpoint (one log line per corrupt one skipped), after checking it fits this
-        run: its configuration (:func:`config_changes`) and its trainer state (:func:`check_trainer_state`)."""
-        def skipped(folder: str, reason: str) -> None:
-            if self.dist.is_main:
-                log.warning("resume: skipping checkpoint %s: %s", folder, reason)
-            self.logger.log("checkpoint_skipped", path=folder, reason=reason)
-
-        loaded = self.ckpt.load_newest_intact(restore_rng=True, on_skip=skipped)
-        if self.dist.distributed:  # every rank must continue from the same checkpoint
-            import torch.distributed as dist
-
-            mine = -1 if loaded is None else loaded["trainer_state"].get("global_step", -1)
-            t = torch.tensor([mine, -mine], dtype=torch.int64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if int(t[0]) != -int(t[1]):
-                raise ResumeError(f"the processes found different newest intact checkpoints in {self.ckpt.root} "
-                                  f"(global steps {-int(t[1])} to {int(t[0])}); is the folder shared by all?")
-        if loaded is None:
-            return None
-        folder, meta = loaded["folder"], loaded["trainer_state"]
-        for key, old, new in check_resume(meta, self.cfg, self.dist.world_size, folder):  # allowed changes
-            if self.dist.is_main:
-                log.warning("resume: configuration change %s: %r -> %r", key, old, new)
-            self.logger.log("config_change", field=key, checkpoint=old, now=new)
-        missing, unexpected = self.model.load_state_dict(loaded["model_state"], strict=False)
-        bad = [k for k in missing if not k.startswith("vae.") and "pos_embed" not in k]
-        if bad or unexpected:
-            raise ResumeError(f"checkpoint {folder} does not match the model (missing {bad[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-        self.global_step = meta["global_step"]
-        self.completed = list(meta["completed"])
-        self.history = dict(meta["history"])
-        self.nonfinite = meta["nonfinite"]
-        from unigendet.data import DetectionRecord
-
-        try:
-            self.extra_fakes = [DetectionRecord(**r) for r in meta.get("extra_fakes", [])]
-        except TypeError as e:
-            raise ResumeError(f"{folder}/trainer_state.json: extra_fakes holds a malformed record ({e})") from None
-        meta["_folder"] = folder
-        meta["_ema"] = loaded["ema_state"]
-        self.logger.log("resume", path=folder, global_step=self.global_step)
-        return meta
-
-    # ------------------------------------------------------------------ co-evolution
-    def _self_generated_fakes(self, rnd: int) -> list:
-        """Images the current generator makes from training captions, as fake detection records.
-
-        The same call also draws ``coevolution_heldout`` images from held-out scene prompts into
-        ``round<rnd>/heldout_fakes`` (never trained on), on which the end of the run compares the detectors.
-        """
-        from unigendet.data import DetectionRecord
-        from unigendet.inference import ImageGenerator
-
-        from .evaluation import heldout_scene_prompts, save_images
-
-        n = max(1, min(len(self.gen_records), self.cfg.coevolution_fakes))
-        prompts = [r.prompt for r in self.gen_records[:n]]
-        heldout = []
-        if self.cfg.data.source == "embedded" and self.cfg.coevolution_heldout > 0:
-            heldout = heldout_scene_prompts(self.cfg.coevolution_heldout, offset=self.cfg.gen_eval_samples)
-        folder = os.path.join(self.out_dir, f"round{rnd}", "fakes")
-        model = self.model
-        if is_sharded(model):  # sampling calls into the model outside forward(): use a whole copy
-            model = self._plain_copy(full_model_state(model, all_ranks=True))
-        gen = ImageGenerator(model, self.tokenizer, self.packing, steps=self.cfg.sample_steps)
-        images = gen.generate(prompts + heldout, seed=self.cfg.seed + rnd, progress=self.progress)
-        del gen, model
-        if heldout and self.dist.is_main:
-            save_images(images[n:], os.path.join(self.out_dir, f"round{rnd}", "heldout_fakes"))
-        records = []
-        # Every rank writes the same self-generated fakes (save_images renames each file into place).
-        for i, path in enumerate(save_images(images[:n], folder)):
-            records.append(DetectionRecord(
-                id=f"selfgen-r{rnd}-{i}", image=path, label=0, cate="self-generated",
-                question=FAKECLUE_QUESTION,
-                answer="This is a fake image. It was synthesised by the current generator: "
-                       "its textures and colours carry the generator's own rendering artefacts."))
-        return records
+        return load_training_checkpoint(self)
 
     # ------------------------------------------------------------------ driver
     def _install_signals(self):
@@ -646,7 +343,7 @@ class Trainer:
                     continue
                 if stage == "gduf" and rnd > 1 and not (resume and resume["stage"] == "gduf"
                                                         and resume["round"] == rnd):
-                    self.extra_fakes = self.extra_fakes + self._self_generated_fakes(rnd)
+                    self.extra_fakes = self.extra_fakes + self_generated_fakes(self, rnd)
                 rs = None
                 if resume is not None and resume["round"] == rnd and resume["stage"] == stage:
                     rs = resume
@@ -678,139 +375,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
-        """Export the model, plot the losses, draw samples, evaluate held-out detection, project the budget."""
-        from unigendet.models import save_checkpoint
-
-        out: dict = {}
-        final = os.path.join(self.out_dir, "final")
-        save_checkpoint(self.model, final)
-        self.tokenizer.save(final)
-        out["checkpoint"] = final
-        records = read_jsonl(self.logger.path)
-        if records.skipped or self.logger.failed:  # torn lines of an earlier crash, records a full disk dropped
-            log.warning("%s: %d unreadable line(s) skipped, %d record(s) of this run could not be written",
-                        self.logger.path, records.skipped, self.logger.failed)
-            out["log_lines_skipped"], out["log_records_lost"] = records.skipped, self.logger.failed
-        if plot_losses(records, os.path.join(self.out_dir, "losses.png")):
-            out["loss_plot"] = os.path.join(self.out_dir, "losses.png")
-        out["throughput"] = self._throughput()
-        if self.cfg.eval_samples > 0 and self.test_records:
-            out["detection"] = self.evaluate_detection(self.test_records[: self.cfg.eval_samples])
-        if self.model.config.visual_gen and self.cfg.data.source == "embedded" and self.cfg.gen_eval_samples > 0:
-            from .evaluation import evaluate_generation
-
-            out["generation"], _ = evaluate_generation(
-                self.model, self.tokenizer, self.packing, n=self.cfg.gen_eval_samples, seed=self.cfg.seed,
-                steps=self.cfg.sample_steps, out_dir=self.out_dir, sample_images=self.cfg.sample_images,
-                progress=self.progress)
-            if "samples" in out["generation"]:
-                out["samples"] = out["generation"]["samples"]
-            if self.cfg.rounds >= 2 and self.cfg.stage == "all":
-                out["coevolution"] = self.coevolution()
-        elif self.cfg.sample_images > 0 and self.gen_records:
-            out["samples"] = self.sample_grid(self.cfg.sample_images)
-        return out
-
-    def coevolution(self) -> dict:
-        """Round 1's detector against the final one on the final generator's held-out samples, round 1's
-        generator's held-out samples (drawn when round 2 began, never trained on) and the held-out real photos."""
-        from .evaluation import coevolution_report
-
-        def pngs(folder):
-            return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png")) \
-                if os.path.isdir(folder) else []
-
-        sets = {
-            "final_generator_heldout": pngs(os.path.join(self.out_dir, "generated")),
-            "round1_generator_heldout": pngs(os.path.join(self.out_dir, "round2", "heldout_fakes")),
-            "real_photos": [r.image for r in self.test_records if r.label == 1][: self.cfg.eval_samples // 2],
-        }
-        first = self._plain_copy(load_sharded(self._snapshot_dir(1)))
-        detectors = {"round1_detector": first, f"round{self.cfg.rounds}_detector": self.model}
-        report = coevolution_report(detectors, self.tokenizer, self.packing, sets, smsa=self.cfg.smsa,
-                                    progress=self.progress)
-        del first
-        return {"detectors": report, "images": {k: len(v) for k, v in sets.items()},
-                "note": "fake_rate: share of images the detection head calls fake; real_accuracy: share of the "
-                        "held-out real photographs it calls real"}
-
-    def _throughput(self) -> dict:
-        from .flops import PaperSchedule
-
-        st = [v for v in self.history.values() if v["tokens"]]
-        if not st:
-            return {}
-        tok_s = sum(v["tokens"] for v in st) / sum(v["seconds"] for v in st)
-        llm = self.model.config.llm
-        ctx = self.packing.expected_num_tokens / 4  # a token sees about a quarter of a pack (prefix masks)
-        fpt = train_flops_per_token(llm, ctx, self.cfg.grad_checkpointing)
-        achieved = tok_s * fpt
-        from unigendet.models import get_config
-
-        big = get_config("bagel-7b-mot").llm
-        big_fpt = train_flops_per_token(big, 16384 / 4, recompute=True)
-        big_tok_s = achieved / big_fpt
-        proj = project_schedule(big_tok_s * self.dist.world_size, PaperSchedule())
-        return {
-            "tokens_per_s": tok_s,
-            "model_flops_per_token": fpt,
-            "achieved_tflops": achieved / 1e12,
-            "device": torch.cuda.get_device_name(0) if self.device.type == "cuda" else f"cpu x{os.cpu_count()}",
-            "world_size": self.dist.world_size,
-            "paper_schedule_projection": proj | {
-                "bagel_7b_flops_per_token": big_fpt,
-                "method": "the achieved FLOP/s of this run applied to BAGEL-7B-MoT's training FLOPs per token "
-                          "(weights x 8 with recompute + attention at a mean context of 4096), on this run's "
-                          "hardware and process count",
-            },
-        }
+        """The end-of-run export, plots and evaluation (:func:`unigendet.train.finish.finish`)."""
+        return finish_run(self)
 
     def evaluate_detection(self, records) -> dict:
-        from unigendet.eval import evaluate_detection
-        from unigendet.inference import Detector
-
-        self.model.eval()
-        det = Detector(self.model, self.tokenizer, self.packing, smsa=self.cfg.smsa,
-                       max_new_tokens=self.cfg.eval_max_new_tokens)
-        with torch.no_grad():
-            results = det.detect([r.image for r in records], batch_size=16, progress=self.progress)
-        preds = [{"text": r.text, "logits": [r.prob_fake, 1.0 - r.prob_fake]} for r in results]
-        report = evaluate_detection(records, preds)
-        with open(os.path.join(self.out_dir, "detection_eval.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        head_acc = float(np.mean([r.label == rec.label for r, rec in zip(results, records)]))
-        self.model.train()
-        return {"n": len(records), "head_accuracy": head_acc, "report": report}
-
-    def sample_grid(self, n: int) -> str:
-        """``samples.png``: images from the first ``n`` training captions, each under its prompt (data sets without
-        held-out scenes; the embedded one draws its grid in :func:`evaluate_generation`)."""
-        from .evaluation import generate
-        from .logs import plot_samples
-
-        prompts = [r.prompt for r in self.gen_records[:n]]
-        images = generate(self.model, self.tokenizer, self.packing, prompts, seed=self.cfg.seed,
-                          steps=self.cfg.sample_steps, progress=self.progress)
-        path = os.path.join(self.out_dir, "samples.png")
-        plot_samples(images, prompts, path)
-        return path
-
-
-def lr_multiplier(o: OptimConfig, total_steps: int):
-    """The learning-rate factor at optimizer step ``s`` (0-based): a linear warm-up over ``o.warmup_steps``, then
-    constant (``o.schedule == "constant"``) or a cosine decay to ``o.min_lr_ratio`` at ``total_steps``."""
-    warm = o.warmup_steps
-    decay = max(1, total_steps - warm)
-
-    def factor(s: int) -> float:
-        if warm > 0 and s < warm:
-            return (s + 1) / warm
-        if o.schedule == "constant":
-            return 1.0
-        frac = min(1.0, (s - warm) / decay)
-        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return factor
+        """Held-out detection metrics of the trained model (:func:`unigendet.train.finish.evaluate_detection`)."""
+        return evaluate_detection(self, records)
 
 
 def _optimizer_state(folder: str) -> dict:
