@@ -54,6 +54,9 @@ class OptimConfig:
     #: learning rate of the generation side (generation expert, timestep embedder, latent connectors, DIGA MLP) as a
     #: multiple of lr
     gen_lr_scale: float = 1.0
+    #: learning rate of the stages of co-evolution rounds 2 and later as a multiple of lr (those rounds continue from
+    #: the previous round's weights: a fine-tuning pass)
+    round_lr_scale: float = 1.0
     #: gradient-norm clipping (0: off)
     clip_grad_norm: float = 1.0
     #: "auto": NVIDIA apex FusedAdam when installed, else torch's fused AdamW on CUDA, else foreach AdamW; "apex"
@@ -180,12 +183,15 @@ def _tiny() -> TrainConfig:
     # 16 latent tokens) per detection sample, so both halves see enough samples per step; the detection head learns
     # from the detection samples only, so its loss is weighted 5. The flow trains with timestep shift 3 (as it
     # samples): at shift 1 too few training steps fall at the high noise levels where the caption decides what is
-    # drawn, and the generator learns backgrounds long before it learns shapes, colours and positions.
+    # drawn, and the generator learns backgrounds long before it learns shapes, colours and positions. Co-evolution
+    # rounds after the first continue from the previous round's weights at a fifth of the learning rate: at the full
+    # rate the second GDUF pass over the same photographs overfits them (real-photo accuracy 0.95 -> 0.91, seed 0).
     return TrainConfig(
         timestep_shift=3.0,
         gduf=StageConfig(steps=1000, w_det=5.0),
         diga=StageConfig(steps=60),
-        optim=OptimConfig(lr=5e-4, gen_lr_scale=4.0, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1),
+        optim=OptimConfig(lr=5e-4, gen_lr_scale=4.0, round_lr_scale=0.2, warmup_steps=50, schedule="cosine",
+                          min_lr_ratio=0.1),
         data=DataConfig(expected_tokens=1536, max_tokens=1792, max_tokens_per_sample=512, det_ratio=1, gen_ratio=3),
     )
 
@@ -436,5 +442,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config: optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
     if not cfg.optim.gen_lr_scale > 0.0:
         raise ValueError("config: optim.gen_lr_scale must be > 0")
+    if not cfg.optim.round_lr_scale > 0.0:
+        raise ValueError("config: optim.round_lr_scale must be > 0")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ValueError("config: optim.min_lr_ratio must be in [0, 1]")

@@ -189,8 +189,10 @@ class Trainer:
                            param_dtype=self.amp_dtype or torch.float32, ignored=[self.model.vae])
         gen = {id(p) for n, p in self.model.named_parameters() if self.model.is_generation_parameter(n)}
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = build_optimizer([(p, id(p) in gen) for p in params], cfg.optim, self.device)
-        sched = build_scheduler(opt, cfg.optim, scfg.steps)
+        # Rounds after the first fine-tune the previous round's weights: their learning rate is scaled.
+        optim = cfg.optim if rnd == 1 else dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.optim.round_lr_scale)
+        opt = build_optimizer([(p, id(p) in gen) for p in params], optim, self.device)
+        sched = build_scheduler(opt, optim, scfg.steps)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
                if p.requires_grad} if cfg.ema > 0 else None
         step, start_pack = 0, 0
