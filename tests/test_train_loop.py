@@ -412,8 +412,13 @@ def test_coevolution_round_two_trains_the_detector_on_self_generated_fakes(tmp_p
 
     t = _trainer(tmp_path, "--rounds=2", "--gduf.steps=1", "--diga.steps=1", "--coevolution_fakes=2",
                  "--sample_steps=2", "--save_every=1000", "--gen_eval_samples=3", "--coevolution_heldout=2",
-                 "--eval_samples=4")
+                 "--eval_samples=4", "--optim.warmup_steps=0", "--optim.schedule=constant")
     summary = t.run()
+    # round 2 fine-tunes round 1's weights at round_lr_scale x the learning rate
+    o = t.cfg.optim
+    lrs = {(r["round"], r["stage"]): r["lr"] for r in _steps(tmp_path)}
+    assert lrs[1, "gduf"] == pytest.approx(o.lr) and lrs[2, "gduf"] == pytest.approx(o.lr * o.round_lr_scale)
+    assert o.round_lr_scale < 1.0
     # both detectors judged on the final generator's held-out samples, round 1's held-out samples and real photos
     co = summary["coevolution"]
     assert co["images"] == {"final_generator_heldout": 3, "round1_generator_heldout": 2, "real_photos": 2}
