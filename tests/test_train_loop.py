@@ -453,3 +453,20 @@ def test_lr_schedule_warmup_then_constant_or_cosine():
     assert abs(cos(12) - 0.55) < 1e-12 and abs(cos(20) - 0.1) < 1e-12 and cos(100) == cos(20)
     with pytest.raises(ValueError, match="optim.schedule"):
         load_config("tiny", ["--optim.schedule=linear"])
+
+
+def test_self_generated_fakes_keep_the_classes_balanced():
+    from unigendet.data import DetectionRecord
+    from unigendet.train.coevolution import detection_records_with
+
+    def rec(i, label):
+        return DetectionRecord(id=str(i), image=f"{i}.png", label=label, cate="c", question="q", answer="a")
+
+    data = [rec(i, i % 2) for i in range(8)]  # 4 real, 4 fake
+    mine = [rec(100 + i, 0) for i in range(3)]
+    out = detection_records_with(data, mine, balance=True)
+    assert sum(r.label == 0 for r in out) == sum(r.label == 1 for r in out) == 4
+    assert [r.id for r in out] == ["0", "1", "3", "5", "7", "100", "101", "102"]  # its last fakes (2, 4, 6) gave way
+    assert len(detection_records_with(data, mine, balance=False)) == 11
+    many = [rec(200 + i, 0) for i in range(6)]  # more than the data set's fakes: every one of them gives way
+    assert sum(r.label == 0 for r in detection_records_with(data, many, balance=True)) == 6

@@ -1,8 +1,9 @@
 """Co-evolution rounds: the generator's own fakes for the next detector, and the detectors compared at the end.
 
 From round 2 on (``--rounds N``), GDUF retrains the detector on data that includes images the current generator made
-from training captions, labelled fake (:func:`self_generated_fakes`); the same call draws images from held-out scene
-prompts that are never trained on. At the end of the run :func:`compare_detectors` runs the first round's detector
+from training captions, labelled fake (:func:`self_generated_fakes`), in the places of as many of the data set's
+fakes (:func:`detection_records_with`); the same call draws images from held-out scene prompts that are never
+trained on. At the end of the run :func:`compare_detectors` runs the first round's detector
 and the last one on the same images: fresh samples of the final generator, the held-out samples of the first round's
 generator, and the held-out real photographs (:func:`coevolution_report`, :func:`fake_rates`).
 """
@@ -19,7 +20,8 @@ from .distributed import full_model_state, is_sharded
 from .evaluation import heldout_scene_prompts, save_images
 from .state import load_sharded
 
-__all__ = ["compare_detectors", "coevolution_report", "fake_rates", "self_generated_fakes"]
+__all__ = ["compare_detectors", "coevolution_report", "detection_records_with", "fake_rates",
+           "self_generated_fakes"]
 
 
 def self_generated_fakes(trainer, rnd: int) -> list:
@@ -55,6 +57,22 @@ def self_generated_fakes(trainer, rnd: int) -> list:
             answer="This is a fake image. It was synthesised by the current generator: "
                    "its textures and colours carry the generator's own rendering artefacts."))
     return records
+
+
+def detection_records_with(records: list, self_generated: list, *, balance: bool) -> list:
+    """A round's detection records: the data set's and the generator's own fakes. With ``balance`` (the data's
+    ``balance_classes``) the self-generated fakes take the places of as many of the data set's fakes (the last ones
+    of its seeded order), so the classes stay balanced however many fakes a round adds."""
+    if not self_generated or not balance:
+        return list(records) + list(self_generated)
+    drop = min(len(self_generated), sum(r.label == 0 for r in records))
+    kept = []
+    for r in reversed(records):
+        if r.label == 0 and drop > 0:
+            drop -= 1
+            continue
+        kept.append(r)
+    return kept[::-1] + list(self_generated)
 
 
 def compare_detectors(trainer) -> dict:

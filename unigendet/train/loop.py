@@ -54,7 +54,7 @@ from unigendet._progress import progress_bar
 
 from .checkpointing import TrainingAborted, load_training_checkpoint, save_training_checkpoint
 from .checks import clear_run_outputs, out_dir_problem
-from .coevolution import self_generated_fakes
+from .coevolution import detection_records_with, self_generated_fakes
 from .config import TrainConfig, config_to_dict
 from .distributed import (
     DistInfo,
@@ -143,7 +143,7 @@ class Trainer:
             packing = dataclasses.replace(packing, gen_weight=max(packing.gen_weight, 1), det_weight=0, diga=True)
             det = []
         else:
-            det = self.det_records + self.extra_fakes
+            det = detection_records_with(self.det_records, self.extra_fakes, balance=self.cfg.data.balance_classes)
         return PackedDataset(det, self.gen_records, self.tokenizer, packing, seed=self._stage_seed(rnd, stage),
                              rank=self.dist.rank, world_size=self.dist.world_size, shard="packs")
 
