@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from unigendet.pack import SMSA_MODES, visible_splits
+from unigendet.pack import SMSA_MODES, pack_visible_splits
 from unigendet.prompts import DIGA_PROMPT_STYLES, diga_teacher_prompt
 
 from .batch import DigaTeacherBatch, PackedBatch
@@ -367,8 +367,7 @@ def build_packed_batch(
     if build_layout:  # the pack's one layout, under the configured SMSA mode
         from unigendet.ops.layout import AttentionLayout
 
-        visible = [visible_splits([m for _, m in sp], kinds, detection=plan.kind == "det", smsa=cfg.smsa)
-                   for sp, kinds, plan in zip(acc.splits, acc.split_kinds, plans)]
+        visible = pack_visible_splits(acc.splits, acc.split_kinds, [p.kind for p in plans], smsa=cfg.smsa)
         layout = AttentionLayout.from_splits(acc.splits, order=order, visible=visible)
     vit_cu = np.concatenate([[0], np.cumsum(acc.vit_lens)]).astype(np.int32)
     patch_dim = 3 * cfg.vit_patch * cfg.vit_patch

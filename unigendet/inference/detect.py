@@ -253,8 +253,6 @@ def decode_answers(
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if check_every < 1:
-        raise ValueError(f"check_every must be >= 1, got {check_every}")
     sampling = sampling or SamplingConfig.greedy()
     dev = model.device
     dec = model.language_model.model

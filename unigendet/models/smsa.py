@@ -8,7 +8,7 @@ that decides which of its splits see which (``reference``, ``paper``, ``off``) i
 
 from __future__ import annotations
 
-from unigendet.pack import SMSA_MODES, visible_splits
+from unigendet.pack import SMSA_MODES, pack_visible_splits
 
 __all__ = ["smsa_layout", "SMSA_MODES"]
 
@@ -46,10 +46,6 @@ def build_layout(batch, mode: str, device=None):
     for si, sample in enumerate(batch.splits):
         if sum(length for length, _ in sample) != int(batch.sample_lens[si]):
             raise ValueError(f"sample {si}: split lengths do not add up to sample_lens[{si}]")
-    visible = [
-        visible_splits([m for _, m in sample], kinds[si], smsa=mode,
-                       detection=si < len(batch.sample_kind) and batch.sample_kind[si] == "det")
-        for si, sample in enumerate(batch.splits)
-    ]
+    visible = pack_visible_splits(batch.splits, kinds, batch.sample_kind, smsa=mode)
     order = batch.order.detach().cpu() if hasattr(batch.order, "detach") else batch.order
     return AttentionLayout.from_splits(batch.splits, device=device, order=order, visible=visible)

@@ -5,6 +5,6 @@ the training layouts (:func:`unigendet.models.smsa_layout`) and the detector's d
 (:mod:`unigendet.inference.detect`) all derive their attention from it.
 """
 
-from .visibility import SMSA_MODES, SPLIT_KINDS, answer_visible_splits, visible_splits
+from .visibility import SMSA_MODES, SPLIT_KINDS, answer_visible_splits, pack_visible_splits, visible_splits
 
-__all__ = ["SMSA_MODES", "SPLIT_KINDS", "answer_visible_splits", "visible_splits"]
+__all__ = ["SMSA_MODES", "SPLIT_KINDS", "answer_visible_splits", "pack_visible_splits", "visible_splits"]

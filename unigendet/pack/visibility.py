@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["SMSA_MODES", "SPLIT_KINDS", "answer_visible_splits", "visible_splits"]
+__all__ = ["SMSA_MODES", "SPLIT_KINDS", "answer_visible_splits", "pack_visible_splits", "visible_splits"]
 
 SMSA_MODES = ("paper", "reference", "off")
 SPLIT_KINDS = ("text", "answer", "vit", "gen")
@@ -73,3 +73,12 @@ def visible_splits(modes: Sequence[str], kinds: Sequence[str], *, detection: boo
 def answer_visible_splits(modes: Sequence[str], kinds: Sequence[str], *, detection: bool, smsa: str) -> list[int]:
     """The splits an answer appended after the given ones sees: what a decoder's prefix cache must hold."""
     return visible_splits([*modes, "causal"], [*kinds, "answer"], detection=detection, smsa=smsa)[-1]
+
+
+def pack_visible_splits(splits, split_kinds, sample_kinds, *, smsa: str) -> list[list[list[int]]]:
+    """:func:`visible_splits` for every sample of a pack: ``splits`` (per sample ``(length, mode)`` pairs), their
+    ``split_kinds`` and the samples' kinds (``"det"`` marks a detection sample); what
+    :meth:`unigendet.ops.AttentionLayout.from_splits` takes as ``visible``."""
+    return [visible_splits([m for _, m in sp], kinds, detection=si < len(sample_kinds) and sample_kinds[si] == "det",
+                           smsa=smsa)
+            for si, (sp, kinds) in enumerate(zip(splits, split_kinds))]

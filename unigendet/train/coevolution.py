@@ -19,6 +19,7 @@ from unigendet.prompts import FAKECLUE_QUESTION
 from .distributed import full_model_state, is_sharded
 from .evaluation import heldout_scene_prompts, save_images
 from .state import load_sharded
+from .teacher import snapshot_dir
 
 __all__ = ["compare_detectors", "coevolution_report", "detection_records_with", "fake_rates",
            "self_generated_fakes"]
@@ -89,7 +90,7 @@ def compare_detectors(trainer) -> dict:
         "round1_generator_heldout": pngs(os.path.join(trainer.out_dir, "round2", "heldout_fakes")),
         "real_photos": [r.image for r in trainer.test_records if r.label == 1][: cfg.eval_samples // 2],
     }
-    first = trainer._plain_copy(load_sharded(trainer._snapshot_dir(1)))
+    first = trainer._plain_copy(load_sharded(snapshot_dir(trainer.out_dir, 1)))
     detectors = {"round1_detector": first, f"round{cfg.rounds}_detector": trainer.model}
     report = coevolution_report(detectors, trainer.tokenizer, trainer.packing, sets, smsa=cfg.smsa,
                                 progress=trainer.progress)

@@ -13,12 +13,12 @@ One :class:`Trainer` runs ``rounds`` x (GDUF, DIGA) (or one stage, ``--stage``):
   current generator made from the training captions (labelled fake), then DIGA realigns the generator to the
   new detector.
 
-Data parallelism: rank ``r`` of ``W`` takes global packs ``k = r, r + W, ...`` (``PackedDataset(shard="packs")`` through
-the public ``PackedLoader``); with ``grad_accum = A`` a step
-consumes ``A`` packs per rank, so a single process with ``grad_accum = W`` sees exactly the packs (and, for
-mean-normalised losses, the gradients) of ``W`` processes with ``grad_accum = 1``. Under FSDP2 the model is
-sharded in place once; checkpoints, the DIGA teacher, co-evolution sampling and the end-of-run export gather its
-full weights (``unigendet.train.distributed``), so everything after training sees an ordinary model.
+Data parallelism: rank ``r`` of ``W`` takes global packs ``k = r, r + W, ...`` (``PackedDataset(shard="packs")``
+through the public ``PackedLoader``); with ``grad_accum = A`` a step consumes ``A`` packs per rank, so a single
+process with ``grad_accum = W`` sees exactly the packs (and, for mean-normalised losses, the gradients) of ``W``
+processes with ``grad_accum = 1``. Under FSDP2 the model is sharded in place once; checkpoints, the DIGA teacher,
+co-evolution sampling and the end-of-run export gather its full weights (``unigendet.train.distributed``), so
+everything after training sees an ordinary model.
 
 Checkpoints (``unigendet.train.state``) hold weights, optimizer, scheduler, EMA, RNG and the data position, each
 file checksummed, and ``--resume`` continues exactly from the newest intact one (walking back over corrupt ones,
@@ -254,7 +254,7 @@ class Trainer:
                 stop_signal = self.stop_signal
             stopping = stop_signal is not None
             if step % cfg.save_every == 0 or step == scfg.steps or stopping:
-                self._save(rnd, stage, step, opt, sched, ema)
+                save_training_checkpoint(self, rnd, stage, step, opt, sched, ema)
             if stopping:
                 bar.close()
                 raise _Interrupted(stop_signal)
@@ -277,14 +277,11 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------ DIGA teacher
-    def _snapshot_dir(self, rnd: int) -> str:
-        return snapshot_dir(self.out_dir, rnd)
-
     def _save_stage_snapshot(self, rnd: int) -> None:
         """The end-of-GDUF weights: the DIGA teacher is rebuilt from them after a resume."""
-        state = self._model_state()  # collective when sharded
+        state = weights_state(self.model)  # collective when sharded
         if self.dist.is_main:
-            save_snapshot(state, self._snapshot_dir(rnd))  # atomic and checksummed; load_sharded verifies it
+            save_snapshot(state, snapshot_dir(self.out_dir, rnd))  # atomic and checksummed; load_sharded verifies it
         barrier(self.dist)
 
     def _diga_teacher(self, rnd: int, resuming: bool):
@@ -292,7 +289,7 @@ class Trainer:
         resume), or the starting model when DIGA runs alone."""
         folder = None
         if resuming or self._stage_key(rnd, "gduf") not in self.completed:
-            folder = self._snapshot_dir(rnd)
+            folder = snapshot_dir(self.out_dir, rnd)
             if not os.path.isdir(folder):
                 if self.cfg.stage != "diga":
                     raise FileNotFoundError(f"the DIGA teacher needs the GDUF snapshot {folder}")
@@ -304,12 +301,6 @@ class Trainer:
         return plain_copy(self.model, state, device=self.device, amp_dtype=self.amp_dtype, teacher=teacher)
 
     # ------------------------------------------------------------------ checkpoints
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        return weights_state(self.model)
-
-    def _save(self, rnd, stage, step, opt, sched, ema) -> None:
-        save_training_checkpoint(self, rnd, stage, step, opt, sched, ema)
-
     def _load_resume(self) -> dict | None:
         return load_training_checkpoint(self)
 
