@@ -168,6 +168,44 @@ def test_opcheck(case, dtype):
     torch.library.opcheck(torch.ops.unigendet.packed_attention_bwd.default, bargs)
 
 
+def test_plan_is_checked_once_and_inputs_once(monkeypatch):
+    """Every layer reuses one plan: the op checks its values on the first call only. q, k and v are validated by the
+    public function; the registered op (and the Triton launches beneath it) do not check them again."""
+    from unigendet.ops import attention as A
+
+    calls = []
+    real = A.check_plan_tensors
+    monkeypatch.setattr(A, "check_plan_tensors", lambda *a: calls.append(1) or real(*a))
+    layout = AttentionLayout.from_splits([[(5, "causal"), (7, "full")], [(4, "causal")]])
+    q, k, v = qkv(16, 16)
+    for _ in range(3):
+        packed_attention(q, k, v, layout, backend="torch")
+    assert len(calls) == 1
+    layout.plan_cpu.q_ranges.add_(0)  # an in-place change (a new version) is checked again
+    packed_attention(q, k, v, layout, backend="torch")
+    assert len(calls) == 2
+    plan = layout.plan_cpu
+    bad = [t.long() if i == 2 else t for i, t in enumerate(plan.tensors())]
+    with pytest.raises(ValueError, match=r"plan.kv_entries must be an int32 tensor"):
+        torch.ops.unigendet.packed_attention_fwd(q, [k], [v], *bad, plan.max_q_len, plan.max_k_len, 0.3, "torch")
+
+
+@pytest.mark.skipif(not _backend.triton_interpret(), reason="needs the Triton interpreter")
+def test_triton_op_path_does_not_recheck_inputs(monkeypatch):
+    from unigendet.ops import attention_triton
+
+    def fail(*a, **k):
+        raise AssertionError("the launcher's checks ran under the registered op")
+
+    monkeypatch.setattr(attention_triton, "_check_qkv", fail)
+    layout = AttentionLayout.from_splits([[(5, "causal"), (11, "full")]])
+    q, k, v = qkv(16, 16, d=32, grad=True)
+    out = packed_attention(q, k, v, layout, backend="triton")
+    out.sum().backward()
+    ref = packed_attention(q.detach(), k.detach(), v.detach(), layout, backend="torch")
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------------------

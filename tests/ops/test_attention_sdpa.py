@@ -97,3 +97,65 @@ def test_auto_picks_it_on_the_cpu_and_it_agrees_with_the_reference():
     q, k = torch.randn(34, 8, 16, generator=g), torch.randn(34, 2, 16, generator=g)
     torch.testing.assert_close(packed_attention(q, k, k, layout), packed_attention(q, k, k, layout,
                                                                                    backend="torch"))
+
+
+@pytest.mark.parametrize("native_gqa", [True, False], ids=["grouped-heads", "expanded-heads"])
+def test_rows_without_keys_and_keys_without_queries(native_gqa, monkeypatch):
+    """Query segments with no key segment (rows no block covers: out 0, lse -inf), key segments no query reads
+    (gradients accumulated, not written), and both ways of feeding grouped K/V heads to the kernel."""
+    from unigendet.ops import attention_sdpa
+
+    if native_gqa and not attention_sdpa._native_gqa():
+        pytest.skip("this torch's CPU flash kernels expand K/V heads")
+    monkeypatch.setattr(attention_sdpa, "_native_gqa", lambda: native_gqa)
+    lq, lk = [7, 12, 0, 5, 9], [7, 0, 4, 5, 11]
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(sum(n), h, 24, generator=g) for n, h in ((lq, 6), (lk, 3), (lk, 3)))
+    _check(q, [k], [v], [mask_varlen(cu_q, cu_k, True)], AttentionLayout.varlen(cu_q, cu_k, True), torch.float32)
+    _check(q, [k], [v], [mask_varlen(cu_q, cu_k, False)], AttentionLayout.varlen(cu_q, cu_k, False), torch.float32)
+
+
+@pytest.mark.parametrize("order", ["packed", "expert"])
+def test_blocks_split_into_full_rows_and_their_prefix(order, monkeypatch):
+    """A block's rows that see all its keys run as their own unmasked call and the other rows attend only to the key
+    span they see; with the threshold at one row every causal segment's last row and every noise split splits."""
+    from unigendet.ops import attention_sdpa
+
+    monkeypatch.setattr(attention_sdpa, "_SPLIT_MIN_ROWS", 1)
+    samples = [[(6, "causal"), (9, "full"), (4, "causal"), (13, "noise")], [(3, "full"), (8, "causal")],
+               [(5, "causal"), (7, "noise")]]
+    total = sum(n for s in samples for n, _ in s)
+    order_t = None
+    if order == "expert":
+        gen = torch.tensor([m == "noise" for s in samples for n, m in s for _ in range(n)])
+        order_t = torch.cat([torch.nonzero(~gen).flatten(), torch.nonzero(gen).flatten()])
+    layout = AttentionLayout.from_splits(samples, order=order_t)
+    mask = mask_from_splits(samples)
+    if order_t is not None:
+        mask = mask[order_t][:, order_t]
+    bp = attention_sdpa._plan_blocks(layout.plan_cpu.tensors(), 6, total, [total])
+    assert sum(len(b.calls) == 2 for b in bp.blocks) == 3  # every sample splits
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(total, h, 40, generator=g) for h in (6, 2, 2))
+    _check(q, [k], [v], [mask], layout, torch.float32)
+    lq, lk = [7, 12, 5, 9], [7, 12, 11, 9]
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    q, k, v = (torch.randn(sum(n), h, 24, generator=g) for n, h in ((lq, 6), (lk, 3), (lk, 3)))
+    _check(q, [k], [v], [mask_varlen(cu_q, cu_k, True)], AttentionLayout.varlen(cu_q, cu_k, True), torch.float32)
+
+
+def test_split_rows_that_see_a_later_key_span(monkeypatch):
+    """Full rows first, then rows that see only a later span of the block's keys (columns from c0 > 0)."""
+    from unigendet.ops import attention_sdpa
+
+    monkeypatch.setattr(attention_sdpa, "_SPLIT_MIN_ROWS", 1)
+    layout = AttentionLayout.from_splits([[(8, "full"), (6, "causal")]], visible=[[[1], []]])
+    mask = torch.zeros(14, 14, dtype=torch.bool)
+    mask[:8] = True
+    mask[8:, 8:] = torch.ones(6, 6, dtype=torch.bool).tril()
+    bp = attention_sdpa._plan_blocks(layout.plan_cpu.tensors(), 4, 14, [14])
+    assert [(c.c0, c.c1) for c in bp.blocks[0].calls] == [(0, 14), (8, 14)]
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(14, h, 16, generator=g) for h in (4, 2, 2))
+    _check(q, [k], [v], [mask], layout, torch.float32)

@@ -33,6 +33,7 @@ import functools
 import importlib.util
 import math
 import operator
+import os
 import weakref
 from collections.abc import Sequence
 
@@ -393,11 +394,6 @@ def _no_key_outputs(q: Tensor, vs: list[Tensor]) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-def _make_plan(q, ks, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries, max_q_len, max_k_len):
-    return KernelPlan(q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries, int(max_q_len), int(max_k_len),
-                      len(ks), q.shape[0], tuple(k.shape[0] for k in ks))
-
-
 # --------------------------------------------------------------------------------------------------
 # Registered ops
 # --------------------------------------------------------------------------------------------------
@@ -408,21 +404,32 @@ def _make_plan(q, ks, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries
 _CHECKED: dict[int, tuple] = {}
 
 
-def _check_op_plan(q: Tensor, ks: list[Tensor], plan_tensors) -> None:
-    """Values of a plan given to a registered op: checked when they are on the host (no synchronisation). Device
-    plans are a contract of the caller, as flash-attn's cu_seqlens (the layouts check theirs when built)."""
-    if not all(t.device.type == "cpu" for t in plan_tensors):
-        return
+def _check_op_plan(q: Tensor, ks: list[Tensor], plan_tensors, backend: str) -> None:
+    """The plan given to a registered op, checked once per plan (every layer of a model reuses one plan): int32
+    tensors of the kernels' shapes on q's device (or on the host for the backends that read it there), and, when
+    they are on the host (readable without a synchronisation), their values against q's and the sources' lengths.
+    Device plans' values are a contract of the caller, as flash-attn's cu_seqlens (the layouts check theirs when
+    built). The public functions validated q, k and v before the op is called; the op does not check them again."""
     anchor = plan_tensors[0]
     key = (tuple(t._version for t in plan_tensors), tuple(t.data_ptr() for t in plan_tensors), q.shape[0],
-           tuple(k.shape[0] for k in ks))
+           tuple(k.shape[0] for k in ks), q.device, backend)
     seen = _CHECKED.get(id(anchor))
     if seen is not None and seen[0]() is anchor and seen[1] == key:
         return
-    check_plan_tensors(plan_tensors, q.shape[0], [k.shape[0] for k in ks], len(ks))
+    for name, t, cols in zip(_PLAN_FIELDS, plan_tensors, (2, None, 4, 3, None, 4)):
+        if t.dtype != torch.int32 or t.dim() != (1 if cols is None else 2) or (cols and t.shape[1] != cols):
+            shape = "(n,)" if cols is None else f"(n, {cols})"
+            raise ValueError(f"plan.{name} must be an int32 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+        if t.device != q.device and (backend == "triton" or t.device.type != "cpu"):
+            raise ValueError(f"plan.{name} lives on {t.device} but q is on {q.device}")
+    if all(t.device.type == "cpu" for t in plan_tensors):
+        check_plan_tensors(plan_tensors, q.shape[0], [k.shape[0] for k in ks], len(ks))
     if seen is None or seen[0]() is not anchor:
         weakref.finalize(anchor, _CHECKED.pop, id(anchor), None)
     _CHECKED[id(anchor)] = (weakref.ref(anchor), key)
+
+
+_PLAN_FIELDS = ("q_ranges", "kv_ptr", "kv_entries", "k_segments", "q_ptr", "q_entries")
 
 
 @torch.library.custom_op("unigendet::packed_attention_fwd", mutates_args=())
@@ -430,20 +437,19 @@ def _packed_attention_fwd(q: Tensor, ks: list[Tensor], vs: list[Tensor], q_range
                           kv_entries: Tensor, k_segments: Tensor, q_ptr: Tensor, q_entries: Tensor,
                           max_q_len: int, max_k_len: int, softmax_scale: float,
                           backend: str) -> tuple[Tensor, Tensor]:
-    _check_op_plan(q, ks, (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries))
+    plan = (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries)
+    _check_op_plan(q, ks, plan, backend)
     if backend == "triton":
         from . import attention_triton
 
-        plan = _make_plan(q, ks, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries, max_q_len, max_k_len)
         tks, tvs = _triton_sources(ks), _triton_sources(vs)
         if all(k is None for k in tks):  # no keys at all: nothing to launch
             return _no_key_outputs(q, vs)
-        return attention_triton.packed_attention_fwd_triton(q, tks, tvs, plan, softmax_scale)
+        return attention_triton.launch_fwd(q, tks, tvs, plan, softmax_scale)
     if backend == "sdpa":
         from .attention_sdpa import packed_attention_fwd_sdpa
 
-        return packed_attention_fwd_sdpa(q, ks, vs, (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries),
-                                         softmax_scale)
+        return packed_attention_fwd_sdpa(q, ks, vs, plan, softmax_scale)
     if backend != "torch":
         raise ValueError(f"backend must be 'torch', 'sdpa' or 'triton', got {backend!r}")
     return _reference_fwd(q, ks, vs, q_ranges, kv_ptr, kv_entries, softmax_scale)
@@ -463,16 +469,16 @@ def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Te
                           q_ranges: Tensor, kv_ptr: Tensor, kv_entries: Tensor, k_segments: Tensor, q_ptr: Tensor,
                           q_entries: Tensor, max_q_len: int, max_k_len: int, softmax_scale: float,
                           backend: str, deterministic: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    _check_op_plan(q, ks, (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries))
+    plan = (q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries)
+    _check_op_plan(q, ks, plan, backend)
     if backend == "triton":
         from . import attention_triton
 
-        plan = _make_plan(q, ks, q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries, max_q_len, max_k_len)
         tks, tvs = _triton_sources(ks), _triton_sources(vs)
         if all(k is None for k in tks):
             return torch.zeros_like(q), [torch.zeros_like(k) for k in ks], [torch.zeros_like(v) for v in vs]
-        dq, dks, dvs = attention_triton.packed_attention_bwd_triton(dout, q, tks, tvs, out, lse, plan, softmax_scale,
-                                                                    deterministic=deterministic)
+        dq, dks, dvs = attention_triton.launch_bwd(dout, q, tks, tvs, out, lse, plan, softmax_scale,
+                                                   deterministic=deterministic)
         # absent (empty) sources come back as None
         dks = [torch.zeros_like(k) if d is None else d for d, k in zip(dks, ks)]
         dvs = [torch.zeros_like(v) if d is None else d for d, v in zip(dvs, vs)]
@@ -480,8 +486,7 @@ def _packed_attention_bwd(dout: Tensor, q: Tensor, ks: list[Tensor], vs: list[Te
     if backend == "sdpa":
         from .attention_sdpa import packed_attention_bwd_sdpa
 
-        return packed_attention_bwd_sdpa(dout, q, ks, vs, out, lse, (q_ranges, kv_ptr, kv_entries, k_segments,
-                                                                     q_ptr, q_entries), softmax_scale)
+        return packed_attention_bwd_sdpa(dout, q, ks, vs, out, lse, plan, softmax_scale)
     if backend != "torch":
         raise ValueError(f"backend must be 'torch', 'sdpa' or 'triton', got {backend!r}")
     return _reference_bwd(dout, q, ks, vs, q_ranges, kv_ptr, kv_entries, softmax_scale)
@@ -571,11 +576,24 @@ for _op in _OPS:
     _backend.register_op(_op, _specs(), example_head_dim=128)
 
 
+# (op, device, dtype, head dim, backend argument, the environment variables selection reads) -> backend name: the
+# selection of a call like the last ones is a dictionary lookup (every layer of a model asks the same question).
+_SELECTED: dict[tuple, str] = {}
+
+
 def _select_backend_impl(op: str, device_type: str, device_index: int, dtype: torch.dtype, head_dim: int,
                          backend: str | None) -> str:
+    env = os.environ
+    key = (op, device_type, device_index, dtype, head_dim, backend, env.get(_backend.ENV_VAR),
+           env.get("TRITON_INTERPRET"), _backend.get_dispatcher(op))
+    hit = _SELECTED.get(key)
+    if hit is not None:
+        return hit
     info = _backend.CallInfo(device=torch.device(device_type, device_index) if device_index >= 0
                              else torch.device(device_type), dtype=dtype, head_dim=head_dim)
-    return _backend.get_dispatcher(op).select(info, backend)
+    name = _backend.get_dispatcher(op).select(info, backend)  # raises when nothing can run: never cached
+    _SELECTED[key] = name
+    return name
 
 
 # Selection reads environment variables and cached probes; under torch.compile it is evaluated once at

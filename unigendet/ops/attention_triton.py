@@ -1,12 +1,17 @@
 """Host launchers of the Triton packed-attention kernels (``unigendet.kernels.attention``).
 
-The launchers validate what the kernels rely on, allocate the outputs, derive the tile lists and pick a launch
-configuration. They take a kernel plan (the ``plan`` of an ``AttentionLayout``: int32 device tensors plus host
-ints) and never synchronise with the device. Triton is imported lazily, on the first launch.
+The launchers allocate the outputs, derive the tile lists and pick a launch configuration; they never synchronise
+with the device. Triton is imported lazily, on the first launch. Two entries each way:
 
 ``packed_attention_fwd_triton(q, ks, vs, plan, softmax_scale) -> (out, lse)``
 ``packed_attention_bwd_triton(dout, q, ks, vs, out, lse, plan, softmax_scale, deterministic=True)
     -> (dq, dks, dvs)``
+    for direct use: they validate what the kernels rely on, then launch; ``plan`` is a kernel plan (the ``plan``
+    of an ``AttentionLayout``: int32 device tensors plus host ints).
+``launch_fwd(q, ks, vs, plan_tensors, scale)``, ``launch_bwd(dout, q, ks, vs, out, lse, plan_tensors, scale,
+    deterministic)``
+    what the registered ops run: the same launches on arguments the public attention functions validated once,
+    the plan as the op's six tensors (nothing is re-checked or rebuilt per call).
 
 Shapes: ``q``/``out``/``dout`` (total_q, H, D); each ``ks[i]``/``vs[i]`` (total_k_i, Hkv, D), or None (or a
 (0, Hkv, D) tensor) for an absent source; ``lse`` (H, total_q) float32, natural log, ``-inf`` where a query
@@ -43,6 +48,8 @@ __all__ = [
     "TRITON_HEAD_DIMS",
     "autotune_mode",
     "first_choice",
+    "launch_bwd",
+    "launch_fwd",
     "packed_attention_bwd_triton",
     "packed_attention_fwd_triton",
 ]
@@ -252,6 +259,12 @@ def _plan_tensor(plan, field: str, device: torch.device, cols: int | None) -> to
     return t.contiguous()
 
 
+def _plan_tensors(plan, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The six checked plan tensors of ``plan`` in ``KernelPlan.tensors()`` order."""
+    return tuple(_plan_tensor(plan, f, device, c) for f, c in (("q_ranges", 2), ("kv_ptr", None), ("kv_entries", 4),
+                                                               ("k_segments", 3), ("q_ptr", None), ("q_entries", 4)))
+
+
 def _check_qkv(q: torch.Tensor, ks: Sequence[torch.Tensor | None], vs: Sequence[torch.Tensor | None], plan):
     """Validate q and the K/V sources; return contiguous q, ks, vs (None sources kept) and (H, Hkv, D)."""
     q = _check_tensor("q", q, 3)
@@ -405,12 +418,18 @@ def packed_attention_fwd_triton(q: torch.Tensor, ks: Sequence[torch.Tensor | Non
         out (total_q, H, D) in q's dtype (0 for queries without a visible key) and
         lse (H, total_q) float32 (natural log, ``-inf`` for those queries).
     """
-    q, ks, vs, (H, hkv, D) = _check_qkv(q, ks, vs, plan)
-    scale = _check_scale(softmax_scale)
-    q_ranges = _plan_tensor(plan, "q_ranges", q.device, 2)
-    kv_ptr = _plan_tensor(plan, "kv_ptr", q.device, None)
-    kv_entries = _plan_tensor(plan, "kv_entries", q.device, 4)
-    total_q = q.shape[0]
+    q, ks, vs, _ = _check_qkv(q, ks, vs, plan)
+    return launch_fwd(q, ks, vs, _plan_tensors(plan, q.device), _check_scale(softmax_scale))
+
+
+def launch_fwd(q: torch.Tensor, ks: Sequence[torch.Tensor | None], vs: Sequence[torch.Tensor | None],
+               plan_tensors: Sequence[torch.Tensor], scale: float):
+    """:func:`packed_attention_fwd_triton` on arguments its checks would pass (contiguous q, ks, vs; the plan as its
+    six int32 tensors on q's device, in ``KernelPlan.tensors()`` order): what the registered op runs, its caller
+    (the public attention functions) having validated them once."""
+    q_ranges, kv_ptr, kv_entries = plan_tensors[:3]
+    total_q, H, D = q.shape
+    hkv = next(k for k in ks if k is not None).shape[1]
     out = torch.zeros_like(q)
     lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if q_ranges.shape[0] == 0 or kv_entries.shape[0] == 0 or total_q == 0:
@@ -456,26 +475,27 @@ def packed_attention_bwd_triton(dout: torch.Tensor, q: torch.Tensor, ks: Sequenc
         dq (total_q, H, D), dks and dvs (lists with one tensor per source, None for an absent one),
         all in q's dtype; keys seen by no query get zero gradient.
     """
-    q, ks, vs, (H, hkv, D) = _check_qkv(q, ks, vs, plan)
-    scale = _check_scale(softmax_scale)
+    q, ks, vs, (H, _, _) = _check_qkv(q, ks, vs, plan)
     for name, t in (("dout", dout), ("out", out)):
         _check_tensor(name, t, 3, q.device)
         if t.shape != q.shape:
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match q's {tuple(q.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name}: dtype {t.dtype} does not match q's {q.dtype}")
-    dout = dout.contiguous()
-    out = out.contiguous()
-    total_q = q.shape[0]
     lse = _check_tensor("lse", lse, 2, q.device)
-    if lse.shape != (H, total_q) or lse.dtype != torch.float32:
-        raise ValueError(f"lse: expected float32 of shape {(H, total_q)}, got {lse.dtype} {tuple(lse.shape)}")
-    q_ranges = _plan_tensor(plan, "q_ranges", q.device, 2)
-    kv_ptr = _plan_tensor(plan, "kv_ptr", q.device, None)
-    kv_entries = _plan_tensor(plan, "kv_entries", q.device, 4)
-    k_segments = _plan_tensor(plan, "k_segments", q.device, 3)
-    q_ptr = _plan_tensor(plan, "q_ptr", q.device, None)
-    q_entries = _plan_tensor(plan, "q_entries", q.device, 4)
+    if lse.shape != (H, q.shape[0]) or lse.dtype != torch.float32:
+        raise ValueError(f"lse: expected float32 of shape {(H, q.shape[0])}, got {lse.dtype} {tuple(lse.shape)}")
+    return launch_bwd(dout.contiguous(), q, ks, vs, out.contiguous(), lse, _plan_tensors(plan, q.device),
+                      _check_scale(softmax_scale), deterministic)
+
+
+def launch_bwd(dout: torch.Tensor, q: torch.Tensor, ks: Sequence[torch.Tensor | None],
+               vs: Sequence[torch.Tensor | None], out: torch.Tensor, lse: torch.Tensor,
+               plan_tensors: Sequence[torch.Tensor], scale: float, deterministic: bool = True):
+    """:func:`packed_attention_bwd_triton` on arguments its checks would pass (see :func:`launch_fwd`)."""
+    q_ranges, kv_ptr, kv_entries, k_segments, q_ptr, q_entries = plan_tensors
+    total_q, H, D = q.shape
+    hkv = next(k for k in ks if k is not None).shape[1]
 
     dks = [torch.zeros_like(k) if k is not None else None for k in ks]
     dvs = [torch.zeros_like(v) if v is not None else None for v in vs]
