@@ -410,7 +410,8 @@ def test_short_full_run_writes_every_output(tmp_path):
 def test_coevolution_round_two_trains_the_detector_on_self_generated_fakes(tmp_path):
     from PIL import Image
 
-    t = _trainer(tmp_path, "--rounds=2", "--gduf.steps=1", "--diga.steps=1", "--coevolution_fakes=2",
+    t = _trainer(tmp_path, "--rounds=2", "--gduf.steps=1", "--gduf.round_steps=2", "--diga.steps=1",
+                 "--coevolution_fakes=2",
                  "--sample_steps=2", "--save_every=1000", "--gen_eval_samples=3", "--coevolution_heldout=2",
                  "--eval_samples=4", "--optim.warmup_steps=0", "--optim.schedule=constant")
     summary = t.run()
@@ -419,6 +420,9 @@ def test_coevolution_round_two_trains_the_detector_on_self_generated_fakes(tmp_p
     lrs = {(r["round"], r["stage"]): r["lr"] for r in _steps(tmp_path)}
     assert lrs[1, "gduf"] == pytest.approx(o.lr) and lrs[2, "gduf"] == pytest.approx(o.lr * o.round_lr_scale)
     assert o.round_lr_scale < 1.0
+    # and for gduf.round_steps steps (diga.round_steps unset: as many as round 1)
+    assert summary["stages"]["r1-gduf"]["steps"] == 1 and summary["stages"]["r2-gduf"]["steps"] == 2
+    assert summary["stages"]["r2-diga"]["steps"] == 1
     # both detectors judged on the final generator's held-out samples, round 1's held-out samples and real photos
     co = summary["coevolution"]
     assert co["images"] == {"final_generator_heldout": 3, "round1_generator_heldout": 2, "real_photos": 2}

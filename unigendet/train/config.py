@@ -67,6 +67,9 @@ class OptimConfig:
 class StageConfig:
     #: optimizer steps of the stage
     steps: int = 100
+    #: optimizer steps of the stage in co-evolution rounds 2 and later (none: steps); those rounds fine-tune the
+    #: previous round's weights
+    round_steps: int | None = None
     #: GDUF weight of the detection-head loss (paper 1; the public code used 0.2)
     w_det: float = 1.0
     #: GDUF weight of the explanation (text) loss
@@ -77,6 +80,10 @@ class StageConfig:
     w_diga: float = 0.5
     #: DIGA: the layer whose states are aligned (none: the model configuration's)
     diga_layer: int | None = None
+
+    def steps_in_round(self, rnd: int) -> int:
+        """Optimizer steps of the stage in round ``rnd`` (1-based)."""
+        return self.steps if rnd == 1 or self.round_steps is None else self.round_steps
 
 
 @dataclass(kw_only=True)
@@ -445,6 +452,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"config: optim.schedule must be constant or cosine, got {cfg.optim.schedule!r}")
     if not cfg.optim.gen_lr_scale > 0.0:
         raise ValueError("config: optim.gen_lr_scale must be > 0")
+    for stage in ("gduf", "diga"):
+        rs = getattr(cfg, stage).round_steps
+        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, int) or rs < 0):
+            raise ValueError(f"config: {stage}.round_steps must be none or an int >= 0, got {rs!r}")
     if not cfg.optim.round_lr_scale > 0.0:
         raise ValueError("config: optim.round_lr_scale must be > 0")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

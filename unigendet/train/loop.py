@@ -177,6 +177,7 @@ class Trainer:
     def run_stage(self, rnd: int, stage: str, resume_state: dict | None = None) -> dict:
         cfg = self.cfg
         scfg = cfg.gduf if stage == "gduf" else cfg.diga
+        steps = scfg.steps_in_round(rnd)
         key = self._stage_key(rnd, stage)
         teacher = None
         if stage == "diga":
@@ -192,7 +193,7 @@ class Trainer:
         # Rounds after the first fine-tune the previous round's weights: their learning rate is scaled.
         optim = cfg.optim if rnd == 1 else dataclasses.replace(cfg.optim, lr=cfg.optim.lr * cfg.optim.round_lr_scale)
         opt = build_optimizer([(p, id(p) in gen) for p in params], optim, self.device)
-        sched = build_scheduler(opt, optim, scfg.steps)
+        sched = build_scheduler(opt, optim, steps)
         ema = {n: p.detach().float().clone() for n, p in self.model.named_parameters()
                if p.requires_grad} if cfg.ema > 0 else None
         step, start_pack = 0, 0
@@ -209,15 +210,15 @@ class Trainer:
         self._next_pack = start_pack + self.dist.rank
         dataset = self._make_dataset(rnd, stage)
         packs = self._iter_packs(dataset, start_pack)
-        if step < scfg.steps:
+        if step < steps:
             packs = _primed(packs)  # plan up to the resume position here, where a signal stops the run at once
         accum = max(1, cfg.grad_accum)
-        bar = progress_bar(total=scfg.steps, initial=step, desc=f"round {rnd} {stage.upper()}", unit="step",
+        bar = progress_bar(total=steps, initial=step, desc=f"round {rnd} {stage.upper()}", unit="step",
                            disable=not self.progress)
         tokens_done, t_start = 0, time.perf_counter()
         self.model.train()
         self._defer_signals = True  # from here on a signal takes effect at the end of the current step
-        while step < scfg.steps:
+        while step < steps:
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             sums, n_tokens = forward_backward(
@@ -243,7 +244,7 @@ class Trainer:
             tokens_done += n_tokens
             tok_s = n_tokens / max(dt, 1e-9)
             rec = {f"loss_{k}" if k != "loss" else "loss": v for k, v in sums.items()}
-            if step % cfg.log_every == 0 or step == scfg.steps:
+            if step % cfg.log_every == 0 or step == steps:
                 self.logger.log("step", stage=stage, round=rnd, step=step, global_step=self.global_step,
                                 lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=n_tokens,
                                 tokens_per_s=tok_s, step_s=dt, skipped=not finite, **rec)
@@ -253,7 +254,7 @@ class Trainer:
             if not self.dist.distributed:
                 stop_signal = self.stop_signal
             stopping = stop_signal is not None
-            if step % cfg.save_every == 0 or step == scfg.steps or stopping:
+            if step % cfg.save_every == 0 or step == steps or stopping:
                 save_training_checkpoint(self, rnd, stage, step, opt, sched, ema)
             if stopping:
                 bar.close()
