@@ -711,7 +711,12 @@ def _deterministic(deterministic) -> bool:
 
 def _run(q: Tensor, ks: list[Tensor], vs: list[Tensor], plan_tensors, max_q_len: int, max_k_len: int,
          scale: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
-    tensors = [q.contiguous(), *plan_tensors, *(t.contiguous() for t in ks), *(t.contiguous() for t in vs)]
+    q, ks, vs = q.contiguous(), [t.contiguous() for t in ks], [t.contiguous() for t in vs]
+    if not (torch.is_grad_enabled() and (q.requires_grad or any(t.requires_grad for t in (*ks, *vs)))):
+        # nothing to differentiate (inference, no_grad): the forward op alone, without the autograd wrapper
+        return torch.ops.unigendet.packed_attention_fwd(q, ks, vs, *plan_tensors, max_q_len, max_k_len, scale,
+                                                        backend)
+    tensors = [q, *plan_tensors, *ks, *vs]
     uniq: list[Tensor] = []
     index = []
     for t in tensors:
