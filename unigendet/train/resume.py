@@ -100,8 +100,10 @@ def check_trainer_state(meta: dict, cfg: TrainConfig, world_size: int, folder: s
     if stage not in stages:
         raise ResumeError(f"{where}: the checkpoint is in stage {stage!r}, which this run (stage={cfg.stage}) "
                           "does not train")
-    steps = (cfg.gduf if stage == "gduf" else cfg.diga).steps_in_round(rnd)
-    step = _int(meta, "stage_step", where, 0, steps, f" ({stage} has {steps} steps in round {rnd})")
+    scfg = cfg.gduf if stage == "gduf" else cfg.diga
+    steps = scfg.steps_in_round(rnd)
+    field = "steps" if steps == scfg.steps else "round_steps"
+    step = _int(meta, "stage_step", where, 0, steps, f" ({stage}.{field} = {steps})")
     _int(meta, "global_step", where, step, None, " (at least stage_step)")
     if "step" in meta and meta["step"] != meta["global_step"]:
         raise ResumeError(f"{where}: step {meta['step']!r} differs from global_step {meta['global_step']}")
