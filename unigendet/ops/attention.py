@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .. import _backend
 from .layout import (
+    _PLAN_TENSORS,
     INT32_MAX,
     AttentionLayout,
     KernelPlan,
@@ -416,7 +417,7 @@ def _check_op_plan(q: Tensor, ks: list[Tensor], plan_tensors, backend: str) -> N
     seen = _CHECKED.get(id(anchor))
     if seen is not None and seen[0]() is anchor and seen[1] == key:
         return
-    for name, t, cols in zip(_PLAN_FIELDS, plan_tensors, (2, None, 4, 3, None, 4)):
+    for name, t, cols in zip(_PLAN_TENSORS, plan_tensors, (2, None, 4, 3, None, 4)):
         if t.dtype != torch.int32 or t.dim() != (1 if cols is None else 2) or (cols and t.shape[1] != cols):
             shape = "(n,)" if cols is None else f"(n, {cols})"
             raise ValueError(f"plan.{name} must be an int32 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
@@ -428,8 +429,6 @@ def _check_op_plan(q: Tensor, ks: list[Tensor], plan_tensors, backend: str) -> N
         weakref.finalize(anchor, _CHECKED.pop, id(anchor), None)
     _CHECKED[id(anchor)] = (weakref.ref(anchor), key)
 
-
-_PLAN_FIELDS = ("q_ranges", "kv_ptr", "kv_entries", "k_segments", "q_ptr", "q_entries")
 
 
 @torch.library.custom_op("unigendet::packed_attention_fwd", mutates_args=())
